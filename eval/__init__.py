@@ -1,0 +1,1 @@
+"""`jax.jit` evaluation scripts, benchmarks and the demo (`python -m eval.<name>`)."""

@@ -1,0 +1,1 @@
+"""Functional building blocks (no parameters): attention kernels."""
