@@ -17,7 +17,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from flax import nnx
 from safetensors import SafetensorError, safe_open
@@ -44,7 +43,7 @@ class TensorRule:
     hf_name: str  # without the LM prefix ("lm_head." names sit beside the backbone)
     path: tuple  # path in the NNX state
     hf_shape: tuple[int, ...]
-    transform: Callable[[np.ndarray], np.ndarray]
+    transform: Callable[[jax.Array], jax.Array]
 
 
 def _t(w):
@@ -142,7 +141,8 @@ class SafetensorsSet:
     def keys(self):
         return self.file_of.keys()
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> jax.Array:
+        """The tensor `name` as a JAX array in its stored dtype (bf16 included)."""
         path = self.file_of[name]
         handle = self._open(path)
         try:
@@ -151,8 +151,7 @@ class SafetensorsSet:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
         except Exception as e:  # safetensors raises plain exceptions for a missing key
             raise CheckpointError(f"{path}: tensor {name!r} is not in the file ({e})") from None
-        # float32 on the host for the layout transforms; cast later.
-        return np.asarray(jnp.asarray(value, jnp.float32) if value.dtype == jnp.bfloat16 else value)
+        return value
 
 
 def _lm_prefix(keys) -> str:
@@ -213,7 +212,8 @@ def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausal
                 f"{weights.file_of[name]}: tensor {name!r} has shape {tuple(w.shape)}, "
                 f"but config.json implies {rule.hf_shape}"
             )
-        values[rule.path] = rule.transform(w)
+        # Cast per tensor so peak memory stays near the model's size in `dtype`.
+        values[rule.path] = jnp.asarray(rule.transform(w), dtype)
     used = {full_name(r) for r in lm_rules(cfg)}
     extra = [k for k in weights.keys() if k.startswith(prefix) and k not in used]
     if extra:

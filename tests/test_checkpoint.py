@@ -205,3 +205,21 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save(model, str(tmp_path / "out"), extra_files=(str(tmp_path / "tok.json"),))
     assert sorted(os.listdir(tmp_path)) == ["tok.json"]
+
+
+def test_bfloat16_checkpoint_loads_in_its_dtype(tmp_path):
+    from safetensors.flax import load_file as load_jax, save_file as save_jax
+
+    d = _copy(SINGLE, tmp_path)
+    path = os.path.join(d, "model.safetensors")
+    f32 = load_jax(path)
+    save_jax({k: v.astype(jnp.bfloat16) for k, v in f32.items()}, path, metadata={"format": "pt"})
+    _edit_config(d, lambda c: c.update(dtype="bfloat16"))
+    model = hybridvlm.from_pretrained(d)
+    assert model.embed[...].dtype == jnp.bfloat16
+    want = np.asarray(f32["backbone.layers.3.mixer.q_proj.weight"].astype(jnp.bfloat16).astype(jnp.float32))
+    got = np.asarray(model.layers[3].mixer.q[...].astype(jnp.float32))
+    np.testing.assert_array_equal(got.reshape(64, -1).T, want)
+    # float32 on request: the bf16 values, widened exactly.
+    wide = hybridvlm.from_pretrained(d, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(wide.layers[3].mixer.q[...]).reshape(64, -1).T, want)
