@@ -26,7 +26,7 @@ _HF_BLOCK_NAMES = {
     "moe": MOE,
 }
 
-SSD_IMPLS = ("auto", "chunked", "sequential")
+SSD_IMPLS = ("auto", "chunked", "sequential", "pallas")
 ATTENTION_IMPLS = ("auto", "blockwise", "naive")
 
 

@@ -219,7 +219,7 @@ def test_dispatch_routes_by_name(monkeypatch, impl, target):
     assert scaled_err(s, want_s) <= 1e-5
 
 
-@pytest.mark.parametrize("bad", ["pallas", "Chunked", ""])
+@pytest.mark.parametrize("bad", ["triton", "Chunked", ""])
 def test_dispatch_rejects_unknown_impl(bad):
     x, dt, A, B, C, _ = make_inputs(9, b=1, l=4, g=1)
     with pytest.raises(ValueError, match=re.escape(repr(bad))):

@@ -3,28 +3,35 @@
 `ssd(..., impl=...)` picks an implementation by name:
   "sequential": `lax.scan` over time (the reference; slow, exact);
   "chunked":    the chunked state-space-duality algorithm in plain XLA;
-  "auto":       the best available for the current backend (today "chunked").
+  "pallas":     Pallas kernels for the chunk-local work around an associative
+                scan over chunk states (`hybridvlm.kernels.ssd_pallas`);
+                interpret mode on CPU;
+  "auto":       "pallas" on TPU and GPU, "chunked" on CPU.
 All return (y, final_state) and accept an initial state, so a prefill can
 hand its state to decoding.
 """
 
 from __future__ import annotations
 
+import jax
+
 from hybridvlm.ssd.chunked import ssd_chunked
 from hybridvlm.ssd.reference import ssd_sequential, ssd_step
 
-__all__ = ["ssd", "ssd_chunked", "ssd_sequential", "ssd_step", "resolve_impl"]
+__all__ = ["ssd", "ssd_chunked", "ssd_sequential", "ssd_step", "resolve_impl", "IMPLS"]
+
+IMPLS = ("auto", "chunked", "sequential", "pallas")
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to a concrete implementation for the default backend."""
-    if impl == "auto":
-        # The Pallas kernel (GPU/TPU) is not part of the package yet; the
-        # chunked XLA path is the fastest correct choice on every backend.
-        return "chunked"
-    if impl not in ("chunked", "sequential"):
-        raise ValueError(f"ssd_impl: unknown implementation {impl!r}; use 'auto', 'chunked' or 'sequential'")
-    return impl
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """Maps "auto" to a concrete implementation for `backend` (default: JAX's)."""
+    if impl not in IMPLS:
+        raise ValueError(f"ssd_impl: unknown implementation {impl!r}; use one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    # The interpret-mode kernels are correct on CPU but slower than XLA there.
+    return "chunked" if backend == "cpu" else "pallas"
 
 
 def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto"):
@@ -39,4 +46,8 @@ def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto"):
     impl = resolve_impl(impl)
     if impl == "sequential":
         return ssd_sequential(x, dt, A, B, C, initial_state=initial_state)
+    if impl == "pallas":
+        from hybridvlm.kernels.ssd_pallas import ssd_pallas  # Pallas import only when used.
+
+        return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)

@@ -39,27 +39,29 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, initial_state=None):
         padder = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
         x, dt, B, C = map(padder, (x, dt, B, C))
 
+    # Layout (b, c, g, r, s, ...): batch dims first, so every contraction
+    # below is one batched matmul; elementwise products are written as such
+    # (an einsum with no contracted dim becomes a slow batched dot on CPU).
     # c: chunk, s/i/j: position in chunk, g: group, r: head in group.
-    xc = rearrange(x, "b (c s) (g r) p -> b c s g r p", s=chunk_size, g=g)
-    dtc = rearrange(dt, "b (c s) (g r) -> b c s g r", s=chunk_size, g=g)
-    Bc = rearrange(B, "b (c s) g n -> b c s g n", s=chunk_size)
-    Cc = rearrange(C, "b (c s) g n -> b c s g n", s=chunk_size)
+    xc = rearrange(x, "b (c s) (g r) p -> b c g r s p", s=chunk_size, g=g)
+    dtc = rearrange(dt, "b (c s) (g r) -> b c g r s", s=chunk_size, g=g)
+    Bc = rearrange(B, "b (c s) g n -> b c g s n", s=chunk_size)
+    Cc = rearrange(C, "b (c s) g n -> b c g s n", s=chunk_size)
     Ag = rearrange(A.astype(f32), "(g r) -> g r", g=g)
 
-    a = dtc * Ag  # (b, c, s, g, r) log-decay per step
-    a_cum = jnp.cumsum(a, axis=2)
-    a_total = a_cum[:, :, -1]  # (b, c, g, r)
+    a_cum = jnp.cumsum(dtc * Ag[:, :, None], axis=-1)  # (b, c, g, r, s) log-decay
+    a_total = a_cum[..., -1]  # (b, c, g, r)
 
     # 1. Intra-chunk: masked matmul with the decayed C.B kernel.
-    seg = a_cum[:, :, :, None] - a_cum[:, :, None, :]  # (b, c, i, j, g, r)
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))[:, :, None, None]
-    decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
-    cb = jnp.einsum("bcign,bcjgn->bcijg", Cc, Bc)
-    y_diag = jnp.einsum("bcijg,bcijgr,bcjgr,bcjgrp->bcigrp", cb, decay, dtc, xc)
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    seg = a_cum[..., :, None] - a_cum[..., None, :]  # (b, c, g, r, i, j)
+    kernel = jnp.exp(jnp.where(causal, seg, -jnp.inf)) * dtc[..., None, :]
+    cb = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
+    y_diag = jnp.einsum("bcgrij,bcgrjp->bcgrip", kernel * cb[:, :, :, None], xc)
 
     # 2. Each chunk's own contribution to the state at its end.
-    to_end = jnp.exp(a_total[:, :, None] - a_cum)  # (b, c, s, g, r)
-    chunk_states = jnp.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, to_end * dtc, xc)
+    to_end = jnp.exp(a_total[..., None] - a_cum) * dtc  # (b, c, g, r, s)
+    chunk_states = jnp.einsum("bcgrsp,bcgsn->bcgrpn", xc * to_end[..., None], Bc)
 
     # 3. Inter-chunk recurrence S_c = exp(a_total_c) S_{c-1} + U_c.
     if initial_state is None:
@@ -77,7 +79,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, initial_state=None):
     starts = jnp.moveaxis(starts, 0, 1)  # (b, c, g, r, p, n): state entering chunk c
 
     # 4. Incoming state read out by C, decayed to each position.
-    y_off = jnp.einsum("bcsgn,bcgrpn,bcsgr->bcsgrp", Cc, starts, jnp.exp(a_cum))
+    y_off = jnp.einsum("bcgsn,bcgrpn->bcgrsp", Cc, starts) * jnp.exp(a_cum)[..., None]
 
-    y = rearrange(y_diag + y_off, "b c s g r p -> b (c s) (g r) p")[:, :l]
+    y = rearrange(y_diag + y_off, "b c g r s p -> b (c s) (g r) p")[:, :l]
     return y, rearrange(final, "b g r p n -> b (g r) p n")

@@ -1,0 +1,149 @@
+"""Benchmark of the Mamba-2 SSD implementations on the current backend.
+
+    python -m eval.bench_ssd                       # 12B Mamba-layer dims, 1k..32k tokens
+    python -m eval.bench_ssd --lengths 1024,4096 --heads 8 --json out.json
+
+For each implementation ("chunked", "pallas", "sequential"), sequence length
+and mode ("fwd", "fwd_bwd"), the compiled function is timed after a warm-up
+call with `block_until_ready`; the table shows the median time, the speed
+relative to the chunked XLA path at the same point, and FLOP/s achieved under
+one FLOP model (the chunked algorithm's useful work) for all implementations.
+The Pallas backward recomputes through the chunked XLA path (see
+hybridvlm/kernels/ssd_pallas.py), which the fwd_bwd rows include.
+
+On CPU the Pallas kernels run in interpret mode: correct, but not a measure
+of kernel speed. Once one measurement exceeds --max-seconds, longer lengths
+of that implementation and mode are skipped (shown as "skipped").
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from hybridvlm.kernels.ssd_pallas import ssd_pallas
+from hybridvlm.ssd import ssd_chunked, ssd_sequential
+
+_IMPLS = flags.DEFINE_list("impls", ["chunked", "pallas", "sequential"], "Implementations to time.")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
+_MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_HEADS = flags.DEFINE_integer("heads", 128, "Mamba heads (12B: 128).")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 80, "Mamba head dim (12B: 80).")
+_STATE = flags.DEFINE_integer("state", 128, "SSM state size (12B: 128).")
+_GROUPS = flags.DEFINE_integer("groups", 8, "B/C groups (12B: 8).")
+_CHUNK = flags.DEFINE_integer("chunk", 128, "Chunk size (12B: 128).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of x, B, C.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 30.0, "Skip longer lengths once a call takes longer.")
+_JSON = flags.DEFINE_string("json", None, "Write results as JSON here.")
+
+
+def flop_model(b, l, h, p, n, g, cs) -> float:
+    """Useful FLOPs of the chunked SSD forward (x3 for forward + backward)."""
+    return 2.0 * b * l * (g * cs * n + h * cs * p + 2 * h * p * n)
+
+
+def make_fn(impl, chunk):
+    if impl == "chunked":
+        return lambda x, dt, A, B, C: ssd_chunked(x, dt, A, B, C, chunk_size=chunk)
+    if impl == "pallas":
+        return lambda x, dt, A, B, C: ssd_pallas(x, dt, A, B, C, chunk_size=chunk)
+    if impl == "sequential":
+        return lambda x, dt, A, B, C: ssd_sequential(x, dt, A, B, C)
+    raise app.UsageError(f"--impls: unknown implementation {impl!r}")
+
+
+def make_inputs(b, l, h, p, n, g, dtype):
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (b, l, h, p), dtype)
+    dt = jnp.exp(jax.random.uniform(keys[1], (b, l, h), minval=np.log(1e-3), maxval=np.log(0.1)))
+    A = -jnp.linspace(1.0, 16.0, h)
+    B = jax.random.normal(keys[2], (b, l, g, n), dtype)
+    C = jax.random.normal(keys[3], (b, l, g, n), dtype)
+    return x, dt, A, B, C
+
+
+def timed(fn, args, repeats):
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds):
+    rows, too_slow = [], set()
+    for l in lengths:
+        args = make_inputs(b, l, h, p, n, g, dtype)
+        for mode in modes:
+            base = None
+            for impl in impls:
+                fwd = make_fn(impl, cs)
+                if mode == "fwd":
+                    fn = fwd
+                else:
+                    def fn(x, dt, A, B, C, fwd=fwd):
+                        def loss(*a):
+                            y, s = fwd(*a)
+                            return jnp.sum(y) + jnp.sum(s)
+                        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, dt, A, B, C)
+                row = dict(impl=impl, length=l, mode=mode, seconds=None)
+                if (impl, mode) not in too_slow:
+                    s = timed(fn, args, repeats)
+                    row["seconds"] = s
+                    flops = flop_model(b, l, h, p, n, g, cs) * (3 if mode == "fwd_bwd" else 1)
+                    row["gflops_per_s"] = flops / s / 1e9
+                    if s > max_seconds:
+                        too_slow.add((impl, mode))
+                    if impl == "chunked":
+                        base = s
+                    row["speedup_vs_chunked"] = None if base is None else base / s
+                rows.append(row)
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = [f"{'impl':<11}{'length':>8} {'mode':<8}{'time (ms)':>12}{'vs chunked':>12}{'GFLOP/s':>10}"]
+    for r in rows:
+        if r["seconds"] is None:
+            lines.append(f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}{'skipped':>12}")
+            continue
+        rel = "" if r["speedup_vs_chunked"] is None else f"{r['speedup_vs_chunked']:.2f}x"
+        lines.append(f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}{r['seconds'] * 1e3:>12.1f}"
+                     f"{rel:>12}{r['gflops_per_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    impls = list(_IMPLS.value)
+    if "chunked" in impls:  # the baseline is timed first at each point
+        impls.remove("chunked")
+        impls.insert(0, "chunked")
+    dims = dict(b=_BATCH.value, h=_HEADS.value, p=_HEAD_DIM.value, n=_STATE.value, g=_GROUPS.value,
+                cs=_CHUNK.value)
+    rows = run(impls, [int(v) for v in _LENGTHS.value], list(_MODES.value), **dims,
+               dtype=jnp.dtype(_DTYPE.value), repeats=_REPEATS.value, max_seconds=_MAX_SECONDS.value)
+    device = jax.devices()[0]
+    header = f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={_DTYPE.value}"
+    print(header)
+    print(format_table(rows))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims,
+                           dtype=_DTYPE.value, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Pallas kernels (TPU / GPU; interpret mode on CPU)."""
