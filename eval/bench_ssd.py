@@ -13,7 +13,9 @@ hybridvlm/kernels/ssd_pallas.py), which the fwd_bwd rows include.
 
 On CPU the Pallas kernels run in interpret mode: correct, but not a measure
 of kernel speed. Once one measurement exceeds --max-seconds, longer lengths
-of that implementation and mode are skipped (shown as "skipped").
+of that implementation and mode are skipped (shown as "skipped"); a point
+that fails (e.g. out of memory: the sequential path's backward keeps every
+step's state) is shown as "failed" and also ends that row's lengths.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def timed(fn, args, repeats):
     return statistics.median(times)
 
 
-def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds):
+def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds, on_row=None):
+    """Times every point; a point that fails (e.g. out of memory) is recorded, not fatal."""
     rows, too_slow = [], set()
     for l in lengths:
         args = make_inputs(b, l, h, p, n, g, dtype)
@@ -96,10 +99,17 @@ def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds
                         def loss(*a):
                             y, s = fwd(*a)
                             return jnp.sum(y) + jnp.sum(s)
-                        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, dt, A, B, C)
+                        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, dt, A, B, C)
                 row = dict(impl=impl, length=l, mode=mode, seconds=None)
                 if (impl, mode) not in too_slow:
-                    s = timed(fn, args, repeats)
+                    try:
+                        s = timed(fn, args, repeats)
+                    except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED
+                        row["error"] = str(e).splitlines()[0][:120]
+                        too_slow.add((impl, mode))
+                        rows.append(row)
+                        on_row and on_row(row)
+                        continue
                     row["seconds"] = s
                     flops = flop_model(b, l, h, p, n, g, cs) * (3 if mode == "fwd_bwd" else 1)
                     row["gflops_per_s"] = flops / s / 1e9
@@ -109,19 +119,21 @@ def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds
                         base = s
                     row["speedup_vs_chunked"] = None if base is None else base / s
                 rows.append(row)
+                on_row and on_row(row)
     return rows
 
 
-def format_table(rows) -> str:
-    lines = [f"{'impl':<11}{'length':>8} {'mode':<8}{'time (ms)':>12}{'vs chunked':>12}{'GFLOP/s':>10}"]
-    for r in rows:
-        if r["seconds"] is None:
-            lines.append(f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}{'skipped':>12}")
-            continue
-        rel = "" if r["speedup_vs_chunked"] is None else f"{r['speedup_vs_chunked']:.2f}x"
-        lines.append(f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}{r['seconds'] * 1e3:>12.1f}"
-                     f"{rel:>12}{r['gflops_per_s']:>10.1f}")
-    return "\n".join(lines)
+HEADER = f"{'impl':<11}{'length':>8} {'mode':<8}{'time (ms)':>12}{'vs chunked':>12}{'GFLOP/s':>10}"
+
+
+def format_row(r) -> str:
+    lead = f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}"
+    if "error" in r:
+        return lead + f"{'failed':>12}  {r['error']}"
+    if r["seconds"] is None:
+        return lead + f"{'skipped':>12}"
+    rel = "" if r["speedup_vs_chunked"] is None else f"{r['speedup_vs_chunked']:.2f}x"
+    return lead + f"{r['seconds'] * 1e3:>12.1f}{rel:>12}{r['gflops_per_s']:>10.1f}"
 
 
 def main(argv):
@@ -133,12 +145,12 @@ def main(argv):
         impls.insert(0, "chunked")
     dims = dict(b=_BATCH.value, h=_HEADS.value, p=_HEAD_DIM.value, n=_STATE.value, g=_GROUPS.value,
                 cs=_CHUNK.value)
-    rows = run(impls, [int(v) for v in _LENGTHS.value], list(_MODES.value), **dims,
-               dtype=jnp.dtype(_DTYPE.value), repeats=_REPEATS.value, max_seconds=_MAX_SECONDS.value)
     device = jax.devices()[0]
-    header = f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={_DTYPE.value}"
-    print(header)
-    print(format_table(rows))
+    print(f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={_DTYPE.value}")
+    print(HEADER, flush=True)
+    rows = run(impls, [int(v) for v in _LENGTHS.value], list(_MODES.value), **dims,
+               dtype=jnp.dtype(_DTYPE.value), repeats=_REPEATS.value, max_seconds=_MAX_SECONDS.value,
+               on_row=lambda r: print(format_row(r), flush=True))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims,

@@ -24,17 +24,23 @@ from flax import nnx
 from hybridvlm.config import LMConfig
 from hybridvlm.hf_import import CheckpointError
 from hybridvlm.lm import NemotronHForCausalLM
+from hybridvlm.vlm import NemotronHVLModel, VLMConfig
 
 CONFIG_FILE = "hybridvlm_config.json"
 PARAMS_DIR = "params"
 FORMAT = 1
+# Saved model class name -> (class, config class).
+MODEL_CLASSES = {
+    "NemotronHForCausalLM": (NemotronHForCausalLM, LMConfig),
+    "NemotronHVLModel": (NemotronHVLModel, VLMConfig),
+}
 
 
 def is_checkpoint(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, CONFIG_FILE))
 
 
-def save(model: NemotronHForCausalLM, directory: str, *, extra_files: tuple[str, ...] = ()) -> None:
+def save(model: NemotronHForCausalLM | NemotronHVLModel, directory: str, *, extra_files: tuple[str, ...] = ()) -> None:
     """Saves `model` (config + parameters) to a new directory `directory`.
 
     extra_files: paths copied next to the parameters (e.g. tokenizer.json).
@@ -62,7 +68,7 @@ def save(model: NemotronHForCausalLM, directory: str, *, extra_files: tuple[str,
         raise
 
 
-def load(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM:
+def load(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM | NemotronHVLModel:
     """Loads a checkpoint written by `save`; overrides change LMConfig fields."""
     path = os.path.join(directory, CONFIG_FILE)
     try:
@@ -70,7 +76,10 @@ def load(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
-        cfg = LMConfig.from_dict(meta["config"])
+        if meta.get("model") not in MODEL_CLASSES:
+            raise CheckpointError(f"{path}: unknown model class {meta.get('model')!r}")
+        model_cls, config_cls = MODEL_CLASSES[meta["model"]]
+        cfg = config_cls.from_dict(meta["config"])
         saved_dtype = jnp.dtype(meta["dtype"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, CheckpointError):
@@ -78,7 +87,7 @@ def load(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM:
         raise CheckpointError(f"{path}: cannot read checkpoint config ({e})") from None
     cfg = cfg.replace(**overrides) if overrides else cfg
     dtype = jnp.dtype(dtype or saved_dtype)
-    abstract = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype), nnx.to_pure_dict(params))
     params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)

@@ -43,11 +43,11 @@ def sample_token(logits, rng, *, greedy: bool, temperature, top_p):
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "stop_tokens", "pad_token_id")
 )
-def _generate(graphdef, state, input_ids, attention_mask, rng, temperature, top_p, *,
+def _generate(graphdef, state, input_ids, attention_mask, inputs, rng, temperature, top_p, *,
               max_new_tokens, greedy, stop_tokens, pad_token_id):
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
-    logits, cache = model.prefill(input_ids, attention_mask, t + max_new_tokens)
+    logits, cache = model.prefill(input_ids, attention_mask, t + max_new_tokens, **inputs)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     pick = functools.partial(sample_token, greedy=greedy, temperature=temperature, top_p=top_p)
 
@@ -86,11 +86,12 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
+    **inputs,
 ):
     """Generates up to `max_new_tokens` tokens after each (left-padded) prompt.
 
     Args:
-      model: a `NemotronHForCausalLM`.
+      model: a `NemotronHForCausalLM` or `NemotronHVLModel`.
       input_ids: (b, t) int prompt ids, left-padded to a common length.
       attention_mask: (b, t), 1 on tokens, 0 on padding; None = all ones.
       max_new_tokens: number of decoding steps (static).
@@ -100,10 +101,13 @@ def generate(
         config's eos ids. Pass () to never stop early.
       pad_token_id: fills the slots after a row stopped; default: config's.
       rng: PRNG key for sampling; default `jax.random.key(0)`.
+      **inputs: further model inputs passed to `model.prefill` (e.g.
+        `pixel_values_videos` for the VLM); checked by `model.check_inputs`
+        when the model has it, before anything is compiled.
     Returns:
       (b, max_new_tokens) int32: the new tokens only.
     """
-    cfg = model.config
+    cfg = model.text_config
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
@@ -118,9 +122,12 @@ def generate(
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     stop = tuple(cfg.eos_token_id if stop_tokens is None else (int(s) for s in stop_tokens))
     pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if hasattr(model, "check_inputs"):
+        model.check_inputs(input_ids, **inputs)
     graphdef, state = nnx.split(model)
     return _generate(
-        graphdef, state, input_ids, attention_mask,
+        graphdef, state, input_ids, attention_mask, inputs,
         jax.random.key(0) if rng is None else rng,
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         max_new_tokens=int(max_new_tokens), greedy=temperature == 0,

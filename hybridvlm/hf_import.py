@@ -37,72 +37,80 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class TensorRule:
-    """How one HF tensor becomes one NNX parameter."""
+class Source:
+    """One way to find a parameter in a checkpoint: a full tensor name, its
+    expected shape there, and the transform into our layout."""
 
-    hf_name: str  # without the LM prefix ("lm_head." names sit beside the backbone)
-    path: tuple  # path in the NNX state
-    hf_shape: tuple[int, ...]
+    name: str
+    shape: tuple[int, ...]
     transform: Callable[[jax.Array], jax.Array]
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one NNX parameter is read: the first source present in the
+    checkpoint wins (current names first, legacy layouts after); `default`
+    builds the value when no source is present (e.g. an identity LayerScale
+    that older checkpoints do not store), else the tensor is required."""
+
+    path: tuple
+    sources: tuple[Source, ...]
+    default: Callable[[], jax.Array] | None = None
+
+
+def rule(path, name, shape, transform=lambda w: w, **kw) -> TensorRule:
+    return TensorRule(tuple(path), (Source(name, tuple(shape), transform),), **kw)
 
 
 def _t(w):
     return w.T
 
 
-def lm_rules(cfg: LMConfig) -> list[TensorRule]:
-    """All tensors a config needs, with their HF shapes and transforms."""
+def lm_rules(cfg: LMConfig, *, prefix: str, head_prefix: str, at: tuple = ()) -> list[TensorRule]:
+    """Every tensor of the LM: HF names under `prefix` (`lm_head` under
+    `head_prefix`), NNX paths under `at`, HF shapes and transforms."""
     d, v = cfg.hidden_size, cfg.vocab_size
-    rules = [
-        TensorRule("embeddings.weight", ("embed",), (v, d), lambda w: w),
-        TensorRule("norm_f.weight", ("final_norm", "weight"), (d,), lambda w: w),
-    ]
+    r = lambda path, name, shape, fn=lambda w: w: rule(at + path, prefix + name, shape, fn)
+    rules = [r(("embed",), "embeddings.weight", (v, d)), r(("final_norm", "weight"), "norm_f.weight", (d,))]
     for i, kind in enumerate(cfg.pattern):
-        pre, at = f"layers.{i}.", ("layers", i)
-        rules.append(TensorRule(pre + "norm.weight", at + ("norm", "weight"), (d,), lambda w: w))
-        mix, mp = pre + "mixer.", at + ("mixer",)
+        pre, lp = f"layers.{i}.", ("layers", i)
+        rules.append(r(lp + ("norm", "weight"), pre + "norm.weight", (d,)))
+        mix, mp = pre + "mixer.", lp + ("mixer",)
         if kind == MAMBA:
             h, inner, c, k = cfg.mamba_num_heads, cfg.mamba_intermediate, cfg.conv_dim, cfg.conv_kernel
             proj = inner + c + h
             rules += [
-                TensorRule(mix + "in_proj.weight", mp + ("in_proj",), (proj, d), _t),
-                TensorRule(mix + "conv1d.weight", mp + ("conv_weight",), (c, 1, k), lambda w: w[:, 0, :].T),
-                TensorRule(mix + "dt_bias", mp + ("dt_bias",), (h,), lambda w: w),
-                TensorRule(mix + "A_log", mp + ("A_log",), (h,), lambda w: w),
-                TensorRule(mix + "D", mp + ("D",), (h,), lambda w: w),
-                TensorRule(mix + "norm.weight", mp + ("norm", "weight"), (inner,), lambda w: w),
-                TensorRule(mix + "out_proj.weight", mp + ("out_proj",), (d, inner), _t),
+                r(mp + ("in_proj",), mix + "in_proj.weight", (proj, d), _t),
+                r(mp + ("conv_weight",), mix + "conv1d.weight", (c, 1, k), lambda w: w[:, 0, :].T),
+                r(mp + ("dt_bias",), mix + "dt_bias", (h,)),
+                r(mp + ("A_log",), mix + "A_log", (h,)),
+                r(mp + ("D",), mix + "D", (h,)),
+                r(mp + ("norm", "weight"), mix + "norm.weight", (inner,)),
+                r(mp + ("out_proj",), mix + "out_proj.weight", (d, inner), _t),
             ]
             if cfg.use_conv_bias:
-                rules.append(TensorRule(mix + "conv1d.bias", mp + ("conv_bias",), (c,), lambda w: w))
+                rules.append(r(mp + ("conv_bias",), mix + "conv1d.bias", (c,)))
             if cfg.use_bias:
-                rules += [
-                    TensorRule(mix + "in_proj.bias", mp + ("in_proj_bias",), (proj,), lambda w: w),
-                    TensorRule(mix + "out_proj.bias", mp + ("out_proj_bias",), (d,), lambda w: w),
-                ]
+                rules += [r(mp + ("in_proj_bias",), mix + "in_proj.bias", (proj,)),
+                          r(mp + ("out_proj_bias",), mix + "out_proj.bias", (d,))]
         elif kind == ATTENTION:
             n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             split_out = lambda heads: (lambda w: rearrange(w, "(n h) d -> d n h", n=heads))
             rules += [
-                TensorRule(mix + "q_proj.weight", mp + ("q",), (n * hd, d), split_out(n)),
-                TensorRule(mix + "k_proj.weight", mp + ("k",), (kv * hd, d), split_out(kv)),
-                TensorRule(mix + "v_proj.weight", mp + ("v",), (kv * hd, d), split_out(kv)),
-                TensorRule(mix + "o_proj.weight", mp + ("o",), (d, n * hd),
-                           lambda w: rearrange(w, "d (n h) -> n h d", n=n)),
+                r(mp + ("q",), mix + "q_proj.weight", (n * hd, d), split_out(n)),
+                r(mp + ("k",), mix + "k_proj.weight", (kv * hd, d), split_out(kv)),
+                r(mp + ("v",), mix + "v_proj.weight", (kv * hd, d), split_out(kv)),
+                r(mp + ("o",), mix + "o_proj.weight", (d, n * hd), lambda w: rearrange(w, "d (n h) -> n h d", n=n)),
             ]
         elif kind == MLP:
             f = cfg.intermediate_size
-            rules += [
-                TensorRule(mix + "up_proj.weight", mp + ("up",), (f, d), _t),
-                TensorRule(mix + "down_proj.weight", mp + ("down",), (d, f), _t),
-            ]
+            rules += [r(mp + ("up",), mix + "up_proj.weight", (f, d), _t),
+                      r(mp + ("down",), mix + "down_proj.weight", (d, f), _t)]
             if cfg.mlp_bias:
-                rules += [
-                    TensorRule(mix + "up_proj.bias", mp + ("up_bias",), (f,), lambda w: w),
-                    TensorRule(mix + "down_proj.bias", mp + ("down_bias",), (d,), lambda w: w),
-                ]
+                rules += [r(mp + ("up_bias",), mix + "up_proj.bias", (f,)),
+                          r(mp + ("down_bias",), mix + "down_proj.bias", (d,))]
     if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", ("lm_head",), (v, d), _t))
+        rules.append(rule(at + ("lm_head",), head_prefix + "lm_head.weight", (v, d), _t))
     return rules
 
 
@@ -154,11 +162,15 @@ class SafetensorsSet:
         return value
 
 
-def _lm_prefix(keys) -> str:
+def lm_prefixes(keys) -> tuple[str, str]:
+    """(prefix of the LM backbone, prefix of its `lm_head`) among `keys`.
+
+    `lm_head` is a sibling of `backbone.`/`model.`, not inside it.
+    """
     keys = list(keys)
     for prefix in LM_PREFIXES:
         if any(k.startswith(prefix + "layers.") for k in keys):
-            return prefix
+            return prefix, prefix[: prefix.rstrip(".").rfind(".") + 1]
     raise CheckpointError(
         f"no language-model tensors found: expected names starting with one of {LM_PREFIXES} "
         f"followed by 'layers.'; first names seen: {keys[:5]}"
@@ -182,6 +194,37 @@ def hf_dtype(hf: dict):
     return None if name is None else jnp.dtype(str(name).replace("torch.", ""))
 
 
+def read_tensors(weights: "SafetensorsSet", rules: list[TensorRule], dtype, ignore: tuple[str, ...] = ()) -> dict:
+    """Reads, checks and transforms every rule's tensor: {path: array in dtype}.
+
+    Tensors no rule uses are reported in a warning, except names starting
+    with one of `ignore` (branches deliberately not loaded).
+    """
+    values = {}
+    for r in rules:
+        src = next((s for s in r.sources if s.name in weights.file_of), None)
+        if src is None:
+            if r.default is None:
+                names = " or ".join(repr(s.name) for s in r.sources)
+                raise CheckpointError(f"{weights.directory}: tensor {names} is missing from the checkpoint "
+                                      "(config needs it)")
+            values[r.path] = jnp.asarray(r.default(), dtype)
+            continue
+        w = weights.get(src.name)
+        if tuple(w.shape) != src.shape:
+            raise CheckpointError(
+                f"{weights.file_of[src.name]}: tensor {src.name!r} has shape {tuple(w.shape)}, "
+                f"but config.json implies {src.shape}"
+            )
+        # Cast per tensor so peak memory stays near the model's size in `dtype`.
+        values[r.path] = jnp.asarray(src.transform(w), dtype)
+    used = {s.name for r in rules for s in r.sources}
+    extra = [k for k in weights.keys() if k not in used and not k.startswith(ignore)]
+    if extra:
+        log.warning("%s: %d tensors not used by the model, e.g. %s", weights.directory, len(extra), extra[:3])
+    return values
+
+
 def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM:
     """Loads an HF Nemotron-H causal LM directory into a NemotronHForCausalLM.
 
@@ -197,37 +240,17 @@ def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausal
     cfg = cfg.replace(**overrides) if overrides else cfg
     dtype = jnp.dtype(dtype or hf_dtype(hf) or jnp.float32)
     weights = SafetensorsSet(directory)
-    prefix = _lm_prefix(weights.keys())
-    # `lm_head` is a sibling of `backbone.`/`model.`, not inside it.
-    head_prefix = prefix[: prefix.rstrip(".").rfind(".") + 1]
-    full_name = lambda r: (head_prefix if r.hf_name.startswith("lm_head.") else prefix) + r.hf_name
-    values = {}
-    for rule in lm_rules(cfg):
-        name = full_name(rule)
-        if name not in weights.file_of:
-            raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint (config needs it)")
-        w = weights.get(name)
-        if tuple(w.shape) != rule.hf_shape:
-            raise CheckpointError(
-                f"{weights.file_of[name]}: tensor {name!r} has shape {tuple(w.shape)}, "
-                f"but config.json implies {rule.hf_shape}"
-            )
-        # Cast per tensor so peak memory stays near the model's size in `dtype`.
-        values[rule.path] = jnp.asarray(rule.transform(w), dtype)
-    used = {full_name(r) for r in lm_rules(cfg)}
-    extra = [k for k in weights.keys() if k.startswith(prefix) and k not in used]
-    if extra:
-        log.warning("%s: %d tensors not used by the model, e.g. %s", directory, len(extra), extra[:3])
-    return build_model(cfg, values, dtype)
+    prefix, head_prefix = lm_prefixes(weights.keys())
+    values = read_tensors(weights, lm_rules(cfg, prefix=prefix, head_prefix=head_prefix), dtype)
+    return build_model(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), values, dtype)
 
 
-def build_model(cfg: LMConfig, values: dict, dtype) -> NemotronHForCausalLM:
-    """Creates the model abstractly and fills every parameter from `values`.
+def build_model(factory, values: dict, dtype):
+    """Creates `factory()` abstractly and fills every parameter from `values`.
 
     values: {state path tuple: array}; must cover every parameter exactly.
     """
-    abstract = nnx.eval_shape(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(factory))
     flat = dict(nnx.to_flat_state(state))
     missing = sorted(set(flat) - set(values), key=str)
     unexpected = sorted(set(values) - set(flat), key=str)

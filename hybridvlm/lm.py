@@ -88,18 +88,21 @@ class NemotronHForCausalLM(nnx.Module):
         return h, (None if caches is None else tuple(new))
 
     # ----------------------------------------------------------------- modes
-    def __call__(self, input_ids, *, attention_mask=None):
+    def __call__(self, input_ids, *, attention_mask=None, inputs_embeds=None):
         """Full-sequence forward.
 
         Args:
           input_ids: (b, t) int token ids (left padding allowed).
           attention_mask: (b, t) 1 for tokens, 0 for padding; None = all ones.
+          inputs_embeds: optional (b, t, d) embeddings used instead of
+            embedding input_ids (the VLM passes text + visual embeddings).
         Returns:
           logits (b, t, vocab) float32.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        h, _ = self.run_layers(self.embed_tokens(input_ids), Layout.prompt(attention_mask))
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h, _ = self.run_layers(h, Layout.prompt(attention_mask))
         return self.logits(h)
 
     def init_cache(self, batch: int, size: int) -> tuple:
@@ -115,12 +118,13 @@ class NemotronHForCausalLM(nnx.Module):
                 entries.append(None)
         return tuple(entries)
 
-    def prefill(self, input_ids, attention_mask, cache_size: int):
+    def prefill(self, input_ids, attention_mask, cache_size: int, *, inputs_embeds=None):
         """Runs the prompt and returns the cache for decoding.
 
         Args:
           input_ids, attention_mask: (b, t) left-padded prompt.
           cache_size: static number of cache slots (>= t), e.g. t + max_new_tokens.
+          inputs_embeds: optional (b, t, d) embeddings replacing input_ids'.
         Returns:
           logits of the last position (b, vocab) float32, and a Cache.
         """
@@ -128,7 +132,8 @@ class NemotronHForCausalLM(nnx.Module):
         if cache_size < t:
             raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {t}")
         layout = Layout.prompt(attention_mask)
-        h, caches = self.run_layers(self.embed_tokens(input_ids), layout, self.init_cache(b, cache_size))
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h, caches = self.run_layers(h, layout, self.init_cache(b, cache_size))
         valid = jnp.zeros((b, cache_size), bool).at[:, :t].set(layout.valid)
         cache = Cache(
             layers=caches, valid=valid, length=jnp.int32(t),
@@ -157,6 +162,11 @@ class NemotronHForCausalLM(nnx.Module):
         h, caches = self.run_layers(self.embed_tokens(tokens), layout, cache.layers)
         new = Cache(layers=caches, valid=valid, length=start + t, next_rope_pos=cache.next_rope_pos + t)
         return self.logits(h), new
+
+    @property
+    def text_config(self) -> LMConfig:
+        """The language model's config (the VLM exposes the same property)."""
+        return self.config
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Autoregressive generation; see `hybridvlm.generate.generate`."""

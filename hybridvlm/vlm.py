@@ -1,0 +1,224 @@
+"""The hybrid video VLM: RADIO tower -> pixel shuffle -> projector -> Nemotron-H LM.
+
+Follows HF transformers' `NemotronH_Omni_Reasoning_V3` (vision + text; the
+audio branch is not supported). Visual embeddings replace the placeholder
+tokens (`image_token_id`; videos reuse it) in order, with static shapes, so
+interleaved prompts ("Frame i sampled at t seconds: <img>...</img>" between
+tubelets) work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from hybridvlm.config import ConfigError, LMConfig
+from hybridvlm.layers.init import normal_param
+from hybridvlm.layers.norm import RMSNorm
+from hybridvlm.lm import NemotronHForCausalLM
+from hybridvlm.radio import LayerNorm, RadioConfig, RadioVisionModel
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """Static description of the VLM; `text` and `vision` are the towers' configs."""
+
+    text: LMConfig
+    vision: RadioConfig
+    image_token_id: int
+    downsample_ratio: float = 0.5
+    projector_hidden_size: int = 4096
+    vision_final_layernorm: bool = False  # present when the LM has MTP layers
+    image_size: int | None = None  # frame side in pixels (force_image_size)
+    image_start_token: str = "<img>"
+    image_end_token: str = "</img>"
+
+    def __post_init__(self):
+        merge = round(1 / self.downsample_ratio)
+        if abs(merge * self.downsample_ratio - 1) > 1e-6:
+            raise ConfigError(f"VLMConfig.downsample_ratio: {self.downsample_ratio} is not 1/integer")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"VLMConfig.image_token_id: {self.image_token_id} is outside the vocabulary")
+        if self.vision.video_temporal_patch_size is None:
+            raise ConfigError("VLMConfig.vision: video_temporal_patch_size must be set for video input")
+
+    @property
+    def merge(self) -> int:
+        """Pixel-shuffle factor per spatial side (2 for ratio 0.5)."""
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def temporal_patch_size(self) -> int:
+        return self.vision.video_temporal_patch_size
+
+    def tokens_per_tubelet(self, height: int, width: int) -> int:
+        ps = self.vision.patch_size
+        return (height // ps) * (width // ps) // self.merge**2
+
+    def replace(self, **overrides: Any) -> "VLMConfig":
+        """Overrides: VLM fields by name; any other name goes to the text config."""
+        own = {f.name for f in dataclasses.fields(self)} - {"text", "vision"}
+        mine = {k: v for k, v in overrides.items() if k in own}
+        rest = {k: v for k, v in overrides.items() if k not in own}
+        return dataclasses.replace(self, text=self.text.replace(**rest) if rest else self.text, **mine)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["text"], d["vision"] = self.text.to_dict(), self.vision.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
+        d = dict(d)
+        d["text"], d["vision"] = LMConfig.from_dict(d["text"]), RadioConfig.from_dict(d["vision"])
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], source: str) -> "VLMConfig":
+        """From an HF `nemotron_h_omni` config.json (legacy field names accepted)."""
+        text = hf.get("text_config") or hf.get("llm_config")
+        vision = hf.get("vision_config")
+        if not text:
+            raise ConfigError(f"{source}: missing field 'text_config'")
+        if not vision:
+            raise ConfigError(f"{source}: missing field 'vision_config'")
+        token = hf.get("image_token_id", hf.get("img_context_token_id"))
+        if token is None:
+            raise ConfigError(f"{source}: missing field 'image_token_id'")
+        vision_cfg = RadioConfig.from_hf(vision, source)
+        tp = hf.get("video_temporal_patch_size", vision_cfg.video_temporal_patch_size)
+        if vision_cfg.video_temporal_patch_size is None and tp:
+            vision_cfg = dataclasses.replace(vision_cfg, video_temporal_patch_size=int(tp))
+        width = hf.get("vision_hidden_size", hf.get("vit_hidden_size", vision_cfg.hidden_size))
+        if width != vision_cfg.hidden_size:
+            raise ConfigError(f"{source}: vision_hidden_size={width} != vision_config.hidden_size={vision_cfg.hidden_size}")
+        return cls(
+            text=LMConfig.from_hf(text, source=f"{source} (text_config)"),
+            vision=vision_cfg,
+            image_token_id=int(token),
+            downsample_ratio=float(hf.get("downsample_ratio", 0.5)),
+            projector_hidden_size=int(hf.get("projector_hidden_size", 4096)),
+            vision_final_layernorm=int(text.get("num_nextn_predict_layers") or 0) > 0,
+            image_size=hf.get("force_image_size"),
+        )
+
+
+def pixel_shuffle(features, merge: int):
+    """(n, rows, cols, c) -> (n, rows / m, cols / m, m * m * c).
+
+    Output channel order is (row offset, col offset, channel): token (a, b)
+    holds features [m a + i, m b + j] for i, j < m, as in the reference.
+    """
+    return rearrange(features, "n (a i) (b j) c -> n a b (i j c)", i=merge, j=merge)
+
+
+class Projector(nnx.Module):
+    """RMSNorm -> Linear -> squared ReLU -> Linear (no biases)."""
+
+    def __init__(self, din: int, hidden: int, dout: int, *, rngs: nnx.Rngs, dtype, eps: float = 1e-5):
+        self.norm = RMSNorm(din, eps=eps, dtype=dtype)
+        self.linear_1 = normal_param(rngs, (din, hidden), ("vit_merged", "proj_hidden"), dtype)
+        self.linear_2 = normal_param(rngs, (hidden, dout), ("proj_hidden", "embed"), dtype)
+
+    def __call__(self, x):
+        """x: (..., din) -> (..., dout)."""
+        h = jnp.einsum("...i,ih->...h", self.norm(x), self.linear_1[...])
+        return jnp.einsum("...h,ho->...o", jnp.square(jax.nn.relu(h)), self.linear_2[...])
+
+
+class NemotronHVLModel(nnx.Module):
+    """Video VLM with the same calling conventions as the LM, plus pixels."""
+
+    def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        v = cfg.vision
+        self.vision = RadioVisionModel(v, rngs=rngs, dtype=dtype, apply_conditioner=False)
+        self.vision_norm = LayerNorm(v.hidden_size, eps=v.layer_norm_eps, dtype=dtype) if cfg.vision_final_layernorm else None
+        self.projector = Projector(v.hidden_size * cfg.merge**2, cfg.projector_hidden_size, cfg.text.hidden_size,
+                                   rngs=rngs, dtype=dtype)
+        self.language_model = NemotronHForCausalLM(cfg.text, rngs=rngs, dtype=dtype)
+
+    @property
+    def text_config(self) -> LMConfig:
+        return self.config.text
+
+    # ------------------------------------------------------------- vision
+    def video_features(self, pixel_values_videos):
+        """Vision tower features before pixel shuffle.
+
+        pixel_values_videos: (videos, tubelets, temporal_patch * 3, H, W),
+        already normalised. Returns (videos * tubelets, rows * cols, d_vit).
+        """
+        x = rearrange(pixel_values_videos, "v t c h w -> (v t) c h w")
+        return self.vision(x)["features"]
+
+    def video_embeddings(self, pixel_values_videos):
+        """(videos, tubelets, 2*3, H, W) -> (videos * tubelets * tokens, d_lm)."""
+        H, W = pixel_values_videos.shape[-2:]
+        ps = self.config.vision.patch_size
+        feats = self.video_features(pixel_values_videos)
+        if self.vision_norm is not None:
+            feats = self.vision_norm(feats)
+        grid = rearrange(feats, "n (r c) d -> n r c d", r=H // ps, c=W // ps)
+        merged = pixel_shuffle(grid, self.config.merge)
+        tokens = self.projector(rearrange(merged, "n a b d -> (n a b) d"))
+        return tokens.astype(self.dtype)
+
+    def check_inputs(self, input_ids, pixel_values_videos=None):
+        """Eager check that placeholders and visual tokens agree (skipped under tracing)."""
+        if isinstance(input_ids, jax.core.Tracer):
+            return
+        n_placeholders = int(np.sum(np.asarray(input_ids) == self.config.image_token_id))
+        if pixel_values_videos is None:
+            n_visual = 0
+        else:
+            v, t, c, H, W = pixel_values_videos.shape
+            n_visual = v * t * self.config.tokens_per_tubelet(H, W)
+        if n_placeholders != n_visual:
+            raise ValueError(
+                f"input_ids has {n_placeholders} visual placeholder tokens (id {self.config.image_token_id}) "
+                f"but pixel_values_videos gives {n_visual} visual tokens"
+            )
+
+    def embed(self, input_ids, pixel_values_videos=None):
+        """Text embeddings with the visual tokens scattered onto the placeholders.
+
+        input_ids: (b, t); placeholders are filled in row-major order.
+        Returns (b, t, d_lm).
+        """
+        self.check_inputs(input_ids, pixel_values_videos)
+        h = self.language_model.embed_tokens(input_ids)
+        if pixel_values_videos is None:
+            return h
+        visual = self.video_embeddings(pixel_values_videos)  # (n, d)
+        is_visual = input_ids == self.config.image_token_id
+        slot = jnp.cumsum(is_visual.reshape(-1)).reshape(is_visual.shape) - 1
+        gathered = jnp.take(visual, jnp.clip(slot, 0, visual.shape[0] - 1), axis=0)
+        return jnp.where(is_visual[..., None], gathered, h)
+
+    # -------------------------------------------------------------- modes
+    def __call__(self, input_ids, *, pixel_values_videos=None, attention_mask=None):
+        """logits (b, t, vocab) float32 for a prompt with optional video."""
+        h = self.embed(input_ids, pixel_values_videos)
+        return self.language_model(input_ids, attention_mask=attention_mask, inputs_embeds=h)
+
+    def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None):
+        h = self.embed(input_ids, pixel_values_videos)
+        return self.language_model.prefill(input_ids, attention_mask, cache_size, inputs_embeds=h)
+
+    def decode(self, tokens, cache):
+        return self.language_model.decode(tokens, cache)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Autoregressive answer; kwargs as `hybridvlm.generate.generate`,
+        plus `pixel_values_videos`."""
+        from hybridvlm.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
