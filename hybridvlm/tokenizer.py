@@ -20,12 +20,20 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
         raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
 
 
+# Special tokens of the embedded demo tokenizer, after the 259 byte-level ids.
+BYTE_SPECIALS = ("<img>", "</img>", "<image>")
+
+
 def byte_tokenizer() -> Tokenizer:
-    """A byte-level tokenizer needing no files: ids 0-2 are <pad>, <s>, </s>,
-    ids 3-258 the 256 bytes. Used by the embedded demo model."""
+    """A byte-level tokenizer needing no files, for the embedded demo models.
+
+    ids 0-2: <pad>, <s>, </s>; 3-258: the 256 bytes; 259-261: <img>,
+    </img>, <image> (the video placeholder; vocab size 262).
+    """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(BYTE_SPECIALS))
     return tok
