@@ -2,6 +2,7 @@
 
     python -m eval.demo                                          # embedded default
     python -m eval.demo --video clip.mp4 --question "..." --checkpoint DIR
+    python -m eval.demo --image photo.png --question "..." --checkpoint DIR
     python -m eval.demo --checkpoint LM_DIR --question "..."     # text-only LM
     python -m eval.demo --config.max_frames=32                   # override config fields
 
@@ -30,15 +31,16 @@ from ml_collections import config_flags
 import configs
 import hybridvlm
 from hybridvlm.config import LMConfig
-from hybridvlm.prompt import video_prompt
+from hybridvlm.prompt import image_prompt, video_prompt
 from hybridvlm.radio import RadioConfig
 from hybridvlm.tokenizer import byte_tokenizer
-from hybridvlm.video import frames_to_pixels, pack_tubelets, read_video, write_test_clip
+from hybridvlm.video import frames_to_pixels, pack_tubelets, read_image, read_video, write_test_clip
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.path("tiny_vlm"), "ml_collections config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF or hybridvlm checkpoint directory (default: tiny random VLM).")
 _VIDEO = flags.DEFINE_string("video", None, "Video file (mp4, webm, mkv, avi); default: a generated clip.")
+_IMAGE = flags.DEFINE_string("image", None, "Image file (png, jpg) instead of a video.")
 _QUESTION = flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
 _JSON = flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
 
@@ -83,13 +85,29 @@ def video_inputs(model: NemotronHVLModel, tok, cfg, video: str, question: str):
     return text, jnp.asarray(tubelets), info
 
 
-def run(cfg, checkpoint=None, video=None, question=None) -> dict:
+def image_inputs(model: NemotronHVLModel, tok, image: str, question: str):
+    """Decodes and resizes one image; returns (prompt text, pixels (1, 3, S, S), info)."""
+    vc = model.config
+    side = vc.image_size or DEFAULT_IMAGE_SIZE
+    clip = read_image(image, size=(side, side))
+    pixels = frames_to_pixels(clip.frames, mean=vc.vision.norm_mean, std=vc.vision.norm_std)
+    text = image_prompt(question, tokens=vc.tokens_per_tubelet(side, side), image_token=tok.id_to_token(vc.image_token_id),
+                        start_token=vc.image_start_token, end_token=vc.image_end_token)
+    return text, jnp.asarray(pixels), dict(image=image)
+
+
+def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
     model, tok, label = load_model(cfg, checkpoint)
     question = cfg.question if question is None else question
     tcfg = model.text_config
     inputs, info = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(model, NemotronHVLModel):
+        if video is not None and image is not None:
+            raise app.UsageError("give --video or --image, not both")
+        if isinstance(model, NemotronHVLModel) and image is not None:
+            text, pixels, info = image_inputs(model, tok, image, question)
+            inputs["pixel_values"] = pixels
+        elif isinstance(model, NemotronHVLModel):
             if video is None:
                 video = os.path.join(tmp, "generated_clip.mp4")
                 write_test_clip(video)
@@ -98,8 +116,8 @@ def run(cfg, checkpoint=None, video=None, question=None) -> dict:
             inputs["pixel_values_videos"] = pixels
             info.update(vinfo)
         else:
-            if video is not None:
-                raise app.UsageError(f"{checkpoint} is a text-only language model; it cannot take --video")
+            if video is not None or image is not None:
+                raise app.UsageError(f"{checkpoint} is a text-only language model; it takes no --video/--image")
             text = question
     ids = tok.encode(text).ids
     if tcfg.bos_token_id is not None:
@@ -138,12 +156,14 @@ def run(cfg, checkpoint=None, video=None, question=None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = run(_CONFIG.value, _CHECKPOINT.value, _VIDEO.value, _QUESTION.value)
+    r = run(_CONFIG.value, _CHECKPOINT.value, _VIDEO.value, _QUESTION.value, _IMAGE.value)
     print(f"model    : {r['model']}")
     print(f"backend  : {r['backend']}")
     if "video" in r:
         source = "generated clip" if r.get("generated_clip") else r["video"]
         print(f"video    : {source}, {r['frames']} frames at {r['timestamps']} s")
+    if "image" in r:
+        print(f"image    : {r['image']}")
     print(f"question : {r['question']!r}")
     print(f"prompt   : {r['prompt_tokens']} tokens ({r['visual_tokens']} visual)")
     print(f"answer   : {r['answer']!r}")

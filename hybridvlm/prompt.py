@@ -1,4 +1,4 @@
-"""Video prompts laid out as Nemotron Nano VL / Nemotron-H Omni expect them.
+"""Video (and image) prompts laid out as Nemotron Nano VL / Nemotron-H Omni expect them.
 
 One chunk per tubelet (`temporal_patch` frames), each preceded by its frames'
 labels, chunks joined by newlines, the question after the video:
@@ -55,3 +55,9 @@ def video_prompt(
         ts = [None if timestamps is None else float(timestamps[i]) for i in idx]
         lines.append(frame_label(first + 1, ts) + chunk)
     return "\n".join(lines) + "\n" + question
+
+
+def image_prompt(question: str, *, tokens: int, image_token: str = "<image>", start_token: str = "<img>",
+                 end_token: str = "</img>") -> str:
+    """The text of an image question: one <img>...</img> chunk, then the question."""
+    return start_token + image_token * tokens + end_token + "\n" + question

@@ -161,9 +161,16 @@ class NemotronHVLModel(nnx.Module):
 
     def video_embeddings(self, pixel_values_videos):
         """(videos, tubelets, 2*3, H, W) -> (videos * tubelets * tokens, d_lm)."""
-        H, W = pixel_values_videos.shape[-2:]
+        return self._project(self.video_features(pixel_values_videos), *pixel_values_videos.shape[-2:])
+
+    def image_embeddings(self, pixel_values):
+        """(images, 3, H, W), normalised -> (images * tokens, d_lm), via the
+        tower's single-frame patch projection."""
+        return self._project(self.vision(pixel_values)["features"], *pixel_values.shape[-2:])
+
+    def _project(self, feats, H: int, W: int):
+        """Tower features (n, rows * cols, d_vit) -> LM tokens (n * tokens, d_lm)."""
         ps = self.config.vision.patch_size
-        feats = self.video_features(pixel_values_videos)
         if self.vision_norm is not None:
             feats = self.vision_norm(feats)
         grid = rearrange(feats, "n (r c) d -> n r c d", r=H // ps, c=W // ps)
@@ -171,46 +178,65 @@ class NemotronHVLModel(nnx.Module):
         tokens = self.projector(rearrange(merged, "n a b d -> (n a b) d"))
         return tokens.astype(self.dtype)
 
-    def check_inputs(self, input_ids, pixel_values_videos=None):
-        """Eager check that placeholders and visual tokens agree (skipped under tracing)."""
+    def check_inputs(self, input_ids, pixel_values_videos=None, pixel_values=None):
+        """Eager check of the visual inputs against the placeholders.
+
+        Shapes are always checked; the placeholder count only when input_ids
+        is concrete (not under tracing).
+        """
+        if pixel_values_videos is not None and pixel_values is not None:
+            raise ValueError("pass either pixel_values_videos or pixel_values, not both: both fill the same "
+                             f"placeholder id {self.config.image_token_id}")
+        n_visual, source = 0, "no pixels"
+        if pixel_values_videos is not None:
+            if pixel_values_videos.ndim != 5:
+                raise ValueError(f"pixel_values_videos must be (videos, tubelets, {self.config.temporal_patch_size}"
+                                 f" * 3, H, W), got shape {pixel_values_videos.shape}")
+            v, t, _, H, W = pixel_values_videos.shape
+            n_visual, source = v * t * self.config.tokens_per_tubelet(H, W), "pixel_values_videos"
+        if pixel_values is not None:
+            if pixel_values.ndim != 4:
+                raise ValueError(f"pixel_values must be (images, 3, H, W), got shape {pixel_values.shape}")
+            n, _, H, W = pixel_values.shape
+            n_visual, source = n * self.config.tokens_per_tubelet(H, W), "pixel_values"
         if isinstance(input_ids, jax.core.Tracer):
             return
         n_placeholders = int(np.sum(np.asarray(input_ids) == self.config.image_token_id))
-        if pixel_values_videos is None:
-            n_visual = 0
-        else:
-            v, t, c, H, W = pixel_values_videos.shape
-            n_visual = v * t * self.config.tokens_per_tubelet(H, W)
         if n_placeholders != n_visual:
             raise ValueError(
                 f"input_ids has {n_placeholders} visual placeholder tokens (id {self.config.image_token_id}) "
-                f"but pixel_values_videos gives {n_visual} visual tokens"
+                f"but {source} gives {n_visual} visual tokens"
             )
 
-    def embed(self, input_ids, pixel_values_videos=None):
+    def embed(self, input_ids, pixel_values_videos=None, pixel_values=None):
         """Text embeddings with the visual tokens scattered onto the placeholders.
 
-        input_ids: (b, t); placeholders are filled in row-major order.
+        input_ids: (b, t); placeholders are filled in row-major order by the
+        video tubelets' (or the images') tokens.
         Returns (b, t, d_lm).
         """
-        self.check_inputs(input_ids, pixel_values_videos)
+        self.check_inputs(input_ids, pixel_values_videos, pixel_values)
         h = self.language_model.embed_tokens(input_ids)
-        if pixel_values_videos is None:
+        if pixel_values_videos is not None:
+            visual = self.video_embeddings(pixel_values_videos)  # (n, d)
+        elif pixel_values is not None:
+            visual = self.image_embeddings(pixel_values)
+        else:
             return h
-        visual = self.video_embeddings(pixel_values_videos)  # (n, d)
         is_visual = input_ids == self.config.image_token_id
         slot = jnp.cumsum(is_visual.reshape(-1)).reshape(is_visual.shape) - 1
         gathered = jnp.take(visual, jnp.clip(slot, 0, visual.shape[0] - 1), axis=0)
         return jnp.where(is_visual[..., None], gathered, h)
 
     # -------------------------------------------------------------- modes
-    def __call__(self, input_ids, *, pixel_values_videos=None, attention_mask=None):
-        """logits (b, t, vocab) float32 for a prompt with optional video."""
-        h = self.embed(input_ids, pixel_values_videos)
+    def __call__(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None):
+        """logits (b, t, vocab) float32 for a prompt with an optional video
+        (videos, tubelets, 2*3, H, W) or images (images, 3, H, W)."""
+        h = self.embed(input_ids, pixel_values_videos, pixel_values)
         return self.language_model(input_ids, attention_mask=attention_mask, inputs_embeds=h)
 
-    def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None):
-        h = self.embed(input_ids, pixel_values_videos)
+    def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None, pixel_values=None):
+        h = self.embed(input_ids, pixel_values_videos, pixel_values)
         return self.language_model.prefill(input_ids, attention_mask, cache_size, inputs_embeds=h)
 
     def decode(self, tokens, cache):
@@ -218,7 +244,7 @@ class NemotronHVLModel(nnx.Module):
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Autoregressive answer; kwargs as `hybridvlm.generate.generate`,
-        plus `pixel_values_videos`."""
+        plus `pixel_values_videos` or `pixel_values`."""
         from hybridvlm.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)

@@ -71,3 +71,16 @@ def test_demo_with_text_only_checkpoint(tmp_path):
     r = demo.run(cfg, str(ckpt), question="w5 w17 w33")
     assert r["prompt_tokens"] == 4 and r["visual_tokens"] == 0  # bos + 3 words
     assert len(r["answer_ids"]) == 4
+
+
+def test_demo_with_image(tmp_path):
+    from hybridvlm.video import synthetic_frame, write_image
+
+    image = tmp_path / "frame.png"
+    write_image(str(image), synthetic_frame(3, 10, 96, 80))
+    cfg = tiny_vlm.get_config()
+    cfg.max_new_tokens = 3
+    r = demo.run(cfg, image=str(image), question="what is this?")
+    # one 128x128 image -> (128 / 16)^2 / 4 tokens
+    assert r["image"] == str(image) and r["visual_tokens"] == 16
+    assert len(r["answer_ids"]) == 3

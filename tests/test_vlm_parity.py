@@ -164,3 +164,22 @@ def test_vision_shape_mismatch_is_named(tmp_path):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hybridvlm.CheckpointError, match=r"mlp1\.1\.weight.*shape"):
         hybridvlm.from_pretrained(str(bad))
+
+
+def test_image_path_uses_single_frame_projection():
+    d, e = _case("omni_video")
+    model = hybridvlm.from_pretrained(d)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 3, 32, 32)).astype(np.float32))
+    emb = model.image_embeddings(images)
+    assert emb.shape == (2 * 4, model.text_config.hidden_size)
+    # Images take the single-frame projection: not the tubelet one.
+    tubelet = jnp.concatenate([images, images], axis=1)[:, None]  # each image as a 2-frame tubelet
+    assert np.abs(np.asarray(emb) - np.asarray(model.video_embeddings(tubelet))).max() > 1e-3
+    ids = np.array([[1, 251] + [250] * 8 + [252, 90, 91]])
+    logits = model(jnp.asarray(ids), pixel_values=images)
+    assert logits.shape == (1, ids.shape[1], 256) and np.isfinite(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match="not both"):
+        model(jnp.asarray(ids), pixel_values=images, pixel_values_videos=jnp.asarray(e["pixel_values_videos"]))
+    with pytest.raises(ValueError, match=r"8 visual placeholder.*pixel_values gives 4"):
+        model(jnp.asarray(ids), pixel_values=images[:1])
