@@ -14,22 +14,36 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer: (b, s, kv_heads, head_dim) each."""
+    """Keys and values of one attention layer.
+
+    k, v: (b, s, kv_heads, head_dim); valid: (b, s) slots holding real
+    tokens; length: () slots written. Each layer owns its slots: after a
+    reduced prefill, a deeper layer holds fewer tokens than a shallow one.
+    Slot order is sequence order, so slot indices give causality.
+    """
 
     k: jax.Array
     v: jax.Array
+    valid: jax.Array
+    length: jax.Array
 
     @classmethod
     def zeros(cls, batch, size, kv_heads, head_dim, dtype):
         z = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
-        return cls(k=z, v=z)
+        return cls(k=z, v=z, valid=jnp.zeros((batch, size), bool), length=jnp.int32(0))
 
-    def write(self, k, v, start) -> "KVCache":
-        """Stores (b, t, kv, d) keys/values at slots [start, start + t)."""
-        at = (0, start, 0, 0)
+    @property
+    def size(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k, v, valid) -> "KVCache":
+        """Appends (b, t, kv, d) keys/values with validity (b, t) at slot `length`."""
+        at = self.length
         return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, at, 0, 0)),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, at, 0, 0)),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, at)),
+            length=at + k.shape[1],
         )
 
 
@@ -51,38 +65,31 @@ class Cache:
 
     layers: one entry per LM layer: KVCache (attention), MambaState (Mamba)
       or None (MLP).
-    valid: (b, s) bool, slots that hold real (non-padding) tokens.
-    length: () int32, number of slots written so far.
+    length: () int32, tokens of the (unreduced) sequence so far.
     next_rope_pos: (b,) int32, RoPE position of each row's next token.
     """
 
     layers: tuple
-    valid: jax.Array
     length: jax.Array
     next_rope_pos: jax.Array
-
-    @property
-    def size(self) -> int:
-        return self.valid.shape[1]
 
 
 @struct.dataclass
 class Layout:
     """Where the tokens of one forward pass sit.
 
-    index: (b, t) int32 slot of each token in the full sequence (causality).
+    index: (b, t) int32 position of each token in the full sequence; after
+      pruning, the kept tokens keep their original positions (causality).
     valid: (b, t) bool, False on padding.
     rope_pos: (b, t) int32 position for RoPE (padding does not count).
-    start: () int32 first slot of this pass.
-    kv_valid: None to attend among these tokens only (no cache, or prefill);
-      else (b, s) validity of all cache slots after this pass is written.
+    decode: static; True when these tokens follow a cache (attend to it),
+      False for a prompt (attend among these tokens only).
     """
 
     index: jax.Array
     valid: jax.Array
     rope_pos: jax.Array
-    start: jax.Array
-    kv_valid: jax.Array | None = None
+    decode: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def prompt(cls, attention_mask) -> "Layout":
@@ -91,5 +98,10 @@ class Layout:
         b, t = valid.shape
         index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope_pos = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-        return cls(index=index, valid=valid, rope_pos=rope_pos, start=jnp.int32(0))
+        return cls(index=index, valid=valid, rope_pos=rope_pos)
 
+    def take(self, order) -> "Layout":
+        """The tokens at `order` (b, t') of each row, in that order."""
+        pick = lambda a: jnp.take_along_axis(a, order, axis=1)
+        return Layout(index=pick(self.index), valid=pick(self.valid), rope_pos=pick(self.rope_pos),
+                      decode=self.decode)

@@ -41,12 +41,14 @@ def sample_token(logits, rng, *, greedy: bool, temperature, top_p):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "stop_tokens", "pad_token_id")
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "stop_tokens", "pad_token_id", "reduction")
 )
 def _generate(graphdef, state, input_ids, attention_mask, inputs, rng, temperature, top_p, *,
-              max_new_tokens, greedy, stop_tokens, pad_token_id):
+              max_new_tokens, greedy, stop_tokens, pad_token_id, reduction):
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
+    if reduction is not None:
+        inputs = dict(inputs, reduction=reduction)
     logits, cache = model.prefill(input_ids, attention_mask, t + max_new_tokens, **inputs)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     pick = functools.partial(sample_token, greedy=greedy, temperature=temperature, top_p=top_p)
@@ -86,6 +88,7 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
+    reduction=None,
     **inputs,
 ):
     """Generates up to `max_new_tokens` tokens after each (left-padded) prompt.
@@ -101,6 +104,9 @@ def generate(
         config's eos ids. Pass () to never stop early.
       pad_token_id: fills the slots after a row stopped; default: config's.
       rng: PRNG key for sampling; default `jax.random.key(0)`.
+      reduction: optional static ReductionPlan applied in the prefill; the
+        cache then holds, per attention layer, only the tokens that reached
+        it, and Mamba layers carry their state (decoding is unchanged).
       **inputs: further model inputs passed to `model.prefill` (e.g.
         `pixel_values_videos` for the VLM); checked by `model.check_inputs`
         when the model has it, before anything is compiled.
@@ -125,11 +131,18 @@ def generate(
     inputs = {k: v for k, v in inputs.items() if v is not None}
     if hasattr(model, "check_inputs"):
         model.check_inputs(input_ids, **inputs)
+    if reduction is not None:
+        from hybridvlm.lm import check_reduction
+
+        visual = inputs.get("visual_mask")
+        if visual is None and hasattr(model, "visual_mask"):
+            visual = model.visual_mask(input_ids, reduction)
+        check_reduction(reduction, visual, cfg.num_layers)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, input_ids, attention_mask, inputs,
         jax.random.key(0) if rng is None else rng,
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
-        stop_tokens=stop, pad_token_id=pad,
+        stop_tokens=stop, pad_token_id=pad, reduction=reduction,
     )

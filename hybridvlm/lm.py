@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hybridvlm.cache import Cache, KVCache, Layout, MambaState
@@ -79,16 +80,77 @@ class NemotronHForCausalLM(nnx.Module):
             out = jnp.einsum("btd,dv->btv", h, self.lm_head[...])
         return out.astype(jnp.float32)
 
-    def run_layers(self, h, layout: Layout, caches=None):
-        """Runs every layer. caches: None or a tuple with one entry per layer."""
+    def run_layers(self, h, layout: Layout, caches=None, *, reduction=None, visual=None):
+        """Runs every layer, pruning visual tokens where `reduction` says.
+
+        Args:
+          h: (b, t, d); layout: its Layout; caches: None or one entry per layer.
+          reduction: None or a static `reduction.plan.ReductionPlan`.
+          visual: (b, t) bool visual-token mask (needed with `reduction`).
+        Returns:
+          h (b, t', d) for the t' surviving tokens, and the new caches.
+        """
+        stages = dict(reduction.stages) if reduction is not None else {}
+        num_visual = reduction.num_visual if reduction is not None else 0
         new = []
         for i, layer in enumerate(self.layers):
+            if i in stages:  # even keep-all stages run, so the path is exercised
+                h, layout, visual = self._reduce(i, h, layout, visual, reduction, num_visual, stages[i])
+                num_visual = stages[i]
             h, c = layer(h, layout, None if caches is None else caches[i])
             new.append(c)
         return h, (None if caches is None else tuple(new))
 
+    def _reduce(self, i, h, layout, visual, plan, num_visual: int, keep: int):
+        """Keeps `keep` of the `num_visual` visual tokens of each row before layer i."""
+        from reduction.prune import prune, select_visual  # reduction builds on the model, not vice versa
+
+        scores, key = None, None
+        if plan.selector == "score":
+            scores = self.visual_scores(i, h, layout, visual, plan.scorer)
+        elif plan.selector == "random":
+            key = jax.random.fold_in(jax.random.key(plan.seed), i)
+        kept = select_visual(scores, visual, keep, num_visual=num_visual, selector=plan.selector, key=key)
+        return prune(h, layout, visual, kept, num_dropped=num_visual - keep)
+
+    def scoring_layer(self, i: int) -> int:
+        """The layer whose projections score tokens before layer i: i itself, or,
+        for an MLP layer (token-wise, so pruning before it equals pruning
+        after it), the next Mamba / attention layer, else the previous one."""
+        mixers = [j for j, layer in enumerate(self.layers) if layer.kind in (MAMBA, ATTENTION)]
+        later = [j for j in mixers if j >= i]
+        if later:
+            return later[0]
+        if mixers:
+            return mixers[-1]
+        raise ValueError("the model has no Mamba or attention layer to score visual tokens with")
+
+    def visual_scores(self, i: int, h, layout: Layout, visual, score_cfg):
+        """Language-aware scores (b, t) of the visual tokens entering layer i.
+
+        The query is the text after the last visual token of each row (the
+        question follows the video). Attention layers: softmax attention of
+        the query rows; Mamba layers: the implicit-attention proxy C_q . B_j.
+        """
+        from reduction import scores as rs
+
+        j = self.scoring_layer(i)
+        layer = self.layers[j]
+        x = layer.norm(h)
+        last_visual = jnp.max(jnp.where(visual, layout.index, -1), axis=1, keepdims=True)
+        query = layout.valid & (layout.index > last_visual)
+        # Query rows are read from a static window at the end of the sequence.
+        num_query = min(score_cfg.max_query, h.shape[1])
+        if layer.kind == ATTENTION:
+            q, k = layer.mixer.project_qk(x, layout)
+            return rs.attention_scores(q, k, num_query=num_query, query_mask=query, visual_mask=visual,
+                                       key_valid=layout.valid, scale=self.config.head_dim ** -0.5, cfg=score_cfg)
+        p = layer.mixer.project(x, layout)
+        return rs.mamba_scores(p["C"], p["B"], p["dt"], p["A"], num_query=num_query, query_mask=query,
+                               visual_mask=visual, key_valid=layout.valid, cfg=score_cfg)
+
     # ----------------------------------------------------------------- modes
-    def __call__(self, input_ids, *, attention_mask=None, inputs_embeds=None):
+    def __call__(self, input_ids, *, attention_mask=None, inputs_embeds=None, reduction=None, visual_mask=None):
         """Full-sequence forward.
 
         Args:
@@ -96,21 +158,35 @@ class NemotronHForCausalLM(nnx.Module):
           attention_mask: (b, t) 1 for tokens, 0 for padding; None = all ones.
           inputs_embeds: optional (b, t, d) embeddings used instead of
             embedding input_ids (the VLM passes text + visual embeddings).
+          reduction: optional static ReductionPlan (prunes visual tokens).
+          visual_mask: (b, t) bool visual tokens, required with `reduction`;
+            every row must have `reduction.num_visual` of them.
         Returns:
-          logits (b, t, vocab) float32.
+          logits (b, t', vocab) float32; t' = t minus the pruned tokens (the
+          survivors keep their order, so [:, -1] is still the last token).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        h, _ = self.run_layers(h, Layout.prompt(attention_mask))
+        check_reduction(reduction, visual_mask, self.num_layers)
+        h, _ = self.run_layers(h, Layout.prompt(attention_mask), reduction=reduction, visual=visual_mask)
         return self.logits(h)
 
-    def init_cache(self, batch: int, size: int) -> tuple:
-        """Per-layer cache entries for `size` slots, zero-filled."""
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def init_cache(self, batch: int, sizes) -> tuple:
+        """Per-layer cache entries, zero-filled.
+
+        sizes: slots of each attention layer (an int for all, or a sequence
+        indexed by layer; layers after a reduction stage need fewer).
+        """
         cfg = self.config
         entries = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if layer.kind == ATTENTION:
+                size = sizes if isinstance(sizes, int) else sizes[i]
                 entries.append(KVCache.zeros(batch, size, cfg.num_key_value_heads, cfg.head_dim, self.dtype))
             elif layer.kind == MAMBA:
                 entries.append(layer.mixer.zero_state(batch, self.dtype))
@@ -118,27 +194,32 @@ class NemotronHForCausalLM(nnx.Module):
                 entries.append(None)
         return tuple(entries)
 
-    def prefill(self, input_ids, attention_mask, cache_size: int, *, inputs_embeds=None):
+    def prefill(self, input_ids, attention_mask, cache_size: int, *, inputs_embeds=None, reduction=None,
+                visual_mask=None):
         """Runs the prompt and returns the cache for decoding.
 
         Args:
           input_ids, attention_mask: (b, t) left-padded prompt.
-          cache_size: static number of cache slots (>= t), e.g. t + max_new_tokens.
+          cache_size: static number of cache slots (>= t), e.g. t + max_new_tokens;
+            an attention layer after a reduction stage gets fewer, holding only
+            the tokens that reached it.
           inputs_embeds: optional (b, t, d) embeddings replacing input_ids'.
+          reduction, visual_mask: as in `__call__`.
         Returns:
           logits of the last position (b, vocab) float32, and a Cache.
         """
         b, t = input_ids.shape
         if cache_size < t:
             raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {t}")
+        check_reduction(reduction, visual_mask, self.num_layers)
         layout = Layout.prompt(attention_mask)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        h, caches = self.run_layers(h, layout, self.init_cache(b, cache_size))
-        valid = jnp.zeros((b, cache_size), bool).at[:, :t].set(layout.valid)
-        cache = Cache(
-            layers=caches, valid=valid, length=jnp.int32(t),
-            next_rope_pos=jnp.sum(layout.valid, axis=1, dtype=jnp.int32),
-        )
+        sizes = cache_size
+        if reduction is not None:
+            sizes = [cache_size - (reduction.num_visual - reduction.keep_at(i)) for i in range(self.num_layers)]
+        h, caches = self.run_layers(h, layout, self.init_cache(b, sizes), reduction=reduction, visual=visual_mask)
+        cache = Cache(layers=caches, length=jnp.int32(t),
+                      next_rope_pos=jnp.sum(layout.valid, axis=1, dtype=jnp.int32))
         return self.logits(h[:, -1:])[:, 0], cache
 
     def decode(self, tokens, cache: Cache):
@@ -151,16 +232,13 @@ class NemotronHForCausalLM(nnx.Module):
           logits (b, t, vocab) float32 and the advanced Cache.
         """
         b, t = tokens.shape
-        start = cache.length
-        index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, t), bool), (0, start))
+        steps = jnp.arange(t, dtype=jnp.int32)
         layout = Layout(
-            index=index, valid=jnp.ones((b, t), bool),
-            rope_pos=cache.next_rope_pos[:, None] + jnp.arange(t, dtype=jnp.int32),
-            start=start, kv_valid=valid,
+            index=jnp.broadcast_to(cache.length + steps, (b, t)), valid=jnp.ones((b, t), bool),
+            rope_pos=cache.next_rope_pos[:, None] + steps, decode=True,
         )
         h, caches = self.run_layers(self.embed_tokens(tokens), layout, cache.layers)
-        new = Cache(layers=caches, valid=valid, length=start + t, next_rope_pos=cache.next_rope_pos + t)
+        new = Cache(layers=caches, length=cache.length + t, next_rope_pos=cache.next_rope_pos + t)
         return self.logits(h), new
 
     @property
@@ -173,3 +251,18 @@ class NemotronHForCausalLM(nnx.Module):
         from hybridvlm.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def check_reduction(reduction, visual_mask, num_layers: int) -> None:
+    """Static checks of a plan against the model and (when concrete) the visual mask."""
+    if reduction is None:
+        return
+    if visual_mask is None:
+        raise ValueError("reduction= needs visual_mask (b, t): which tokens are visual")
+    if reduction.num_layers != num_layers:
+        raise ValueError(f"reduction plan is for {reduction.num_layers} layers, the model has {num_layers}")
+    if not isinstance(visual_mask, jax.core.Tracer):
+        counts = set(np.asarray(visual_mask).sum(axis=1).tolist())
+        if counts != {reduction.num_visual}:
+            raise ValueError(f"reduction plan expects {reduction.num_visual} visual tokens per row, "
+                             f"visual_mask has {sorted(counts)}")

@@ -229,22 +229,34 @@ class NemotronHVLModel(nnx.Module):
         return jnp.where(is_visual[..., None], gathered, h)
 
     # -------------------------------------------------------------- modes
-    def __call__(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None):
-        """logits (b, t, vocab) float32 for a prompt with an optional video
-        (videos, tubelets, 2*3, H, W) or images (images, 3, H, W)."""
-        h = self.embed(input_ids, pixel_values_videos, pixel_values)
-        return self.language_model(input_ids, attention_mask=attention_mask, inputs_embeds=h)
+    def __call__(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None,
+                 reduction=None):
+        """logits (b, t', vocab) float32 for a prompt with an optional video
+        (videos, tubelets, 2*3, H, W) or images (images, 3, H, W).
 
-    def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None, pixel_values=None):
+        reduction: optional static ReductionPlan; the visual tokens are the
+        placeholder positions, and t' = t minus the pruned tokens.
+        """
         h = self.embed(input_ids, pixel_values_videos, pixel_values)
-        return self.language_model.prefill(input_ids, attention_mask, cache_size, inputs_embeds=h)
+        return self.language_model(input_ids, attention_mask=attention_mask, inputs_embeds=h, reduction=reduction,
+                                   visual_mask=self.visual_mask(input_ids, reduction))
+
+    def visual_mask(self, input_ids, reduction):
+        """(b, t) placeholder positions when a plan needs them, else None."""
+        return None if reduction is None else input_ids == self.config.image_token_id
+
+    def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None, pixel_values=None,
+                reduction=None):
+        h = self.embed(input_ids, pixel_values_videos, pixel_values)
+        return self.language_model.prefill(input_ids, attention_mask, cache_size, inputs_embeds=h,
+                                           reduction=reduction, visual_mask=self.visual_mask(input_ids, reduction))
 
     def decode(self, tokens, cache):
         return self.language_model.decode(tokens, cache)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Autoregressive answer; kwargs as `hybridvlm.generate.generate`,
-        plus `pixel_values_videos` or `pixel_values`."""
+        plus `pixel_values_videos` or `pixel_values`, and `reduction`."""
         from hybridvlm.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)

@@ -25,37 +25,45 @@ class Attention(nnx.Module):
         self.v = normal_param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.o = normal_param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
+    def project_qk(self, x, layout: Layout):
+        """Queries (b, t, n, h) and keys (b, t, kv, h) of x's tokens (RoPE applied if configured)."""
+        cfg = self.cfg
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+        if cfg.rope_theta is not None:
+            q = apply_rope(q, layout.rope_pos, cfg.rope_theta)
+            k = apply_rope(k, layout.rope_pos, cfg.rope_theta)
+        return q, k
+
     def __call__(self, x, layout: Layout, cache: KVCache | None = None):
         """Attends x's tokens to themselves, or to the cache plus themselves.
 
         Args:
           x: (b, t, d) normed hidden states.
           layout: positions and validity of x's tokens.
-          cache: None (no cache), or a KVCache whose slots
-            [layout.start, layout.start + t) receive x's keys and values.
-            With `layout.kv_valid` set, x attends to every valid cache slot
-            (decoding); otherwise only to x itself (prefill).
+          cache: None (no cache), or this layer's KVCache: x's keys and
+            values are appended to it. With `layout.decode`, x attends to
+            every valid cache slot; otherwise only to x itself (prefill).
         Returns:
           y (b, t, d) and the updated cache (or None).
         """
         cfg = self.cfg
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+        q, k = self.project_qk(x, layout)
         v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
-        if cfg.rope_theta is not None:
-            q = apply_rope(q, layout.rope_pos, cfg.rope_theta)
-            k = apply_rope(k, layout.rope_pos, cfg.rope_theta)
-        attend = lambda k_, v_, k_pos, k_valid: attention(
-            q, k_, v_, q_pos=layout.index, k_pos=k_pos, k_valid=k_valid,
+        attend = lambda q_pos, k_, v_, k_pos, k_valid: attention(
+            q, k_, v_, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
             scale=cfg.head_dim ** -0.5, impl=cfg.attention_impl,
             block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
         )
-        if cache is not None:
-            cache = cache.write(k, v, layout.start)
-        if layout.kv_valid is None:
-            out = attend(k, v, layout.index, layout.valid)
+        if not layout.decode:
+            out = attend(layout.index, k, v, layout.index, layout.valid)
+            if cache is not None:
+                cache = cache.write(k, v, layout.valid)
         else:
-            slots = jnp.arange(layout.kv_valid.shape[1], dtype=jnp.int32)
-            k_pos = jnp.broadcast_to(slots, layout.kv_valid.shape)
-            out = attend(cache.k, cache.v, k_pos, layout.kv_valid)
+            # Slots are in sequence order: x's slots follow every cached one.
+            b, t = layout.valid.shape
+            q_slot = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
+            cache = cache.write(k, v, layout.valid)
+            slots = jnp.broadcast_to(jnp.arange(cache.size, dtype=jnp.int32), cache.valid.shape)
+            out = attend(q_slot, cache.k, cache.v, slots, cache.valid)
         return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache

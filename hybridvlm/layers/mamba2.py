@@ -69,6 +69,46 @@ class Mamba2Mixer(nnx.Module):
             ssm=jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), jnp.float32),
         )
 
+    def project(self, x, layout: Layout, conv_prefix=None):
+        """in_proj, causal conv and the SSM parameters for x's tokens.
+
+        Args:
+          x: (b, t, d) normed hidden states; layout: token validity.
+          conv_prefix: (b, k - 1, conv_dim) inputs before x, or None (zeros).
+        Returns:
+          dict(z (b, t, h * p), x (b, t, h, p), B, C (b, t, g, n),
+               dt (b, t, h) float32 after softplus and clamp, A (h,) float32,
+               conv_state (b, k - 1, conv_dim)).
+        """
+        cfg = self.cfg
+        b = x.shape[0]
+        h, g, n = cfg.mamba_num_heads, cfg.n_groups, cfg.ssm_state_size
+        inner = cfg.mamba_intermediate
+        keep = layout.valid[..., None]
+
+        zxbcdt = jnp.einsum("btd,de->bte", jnp.where(keep, x, 0).astype(x.dtype), self.in_proj[...])
+        if self.in_proj_bias is not None:
+            zxbcdt = zxbcdt + self.in_proj_bias[...]
+        z, xbc, dt = jnp.split(zxbcdt, [inner, inner + cfg.conv_dim], axis=-1)
+
+        prefix = self.zero_state(b, x.dtype).conv if conv_prefix is None else conv_prefix
+        bias = None if self.conv_bias is None else self.conv_bias[...]
+        xbc, conv_state = causal_conv(xbc, self.conv_weight[...], bias, prefix)
+        xbc = jnp.where(keep, jax.nn.silu(xbc), 0).astype(x.dtype)
+        xs, B, C = jnp.split(xbc, [inner, inner + g * n], axis=-1)
+
+        lo, hi = cfg.time_step_limit
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        return dict(
+            z=z,
+            x=rearrange(xs, "b t (h p) -> b t h p", h=h),
+            B=rearrange(B, "b t (g n) -> b t g n", g=g),
+            C=rearrange(C, "b t (g n) -> b t g n", g=g),
+            dt=jnp.clip(dt, lo, hi),
+            A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
+            conv_state=conv_state,
+        )
+
     def __call__(self, x, layout: Layout, state: MambaState | None = None):
         """Runs the mixer over x's tokens.
 
@@ -81,30 +121,9 @@ class Mamba2Mixer(nnx.Module):
           y (b, t, d) and the new MambaState (or None).
         """
         cfg = self.cfg
-        b, t, _ = x.shape
-        h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
-        inner = cfg.mamba_intermediate
-        keep = layout.valid[..., None]
-
-        zxbcdt = jnp.einsum("btd,de->bte", jnp.where(keep, x, 0).astype(x.dtype), self.in_proj[...])
-        if self.in_proj_bias is not None:
-            zxbcdt = zxbcdt + self.in_proj_bias[...]
-        z, xbc, dt = jnp.split(zxbcdt, [inner, inner + cfg.conv_dim], axis=-1)
-
-        prefix = self.zero_state(b, x.dtype).conv if state is None else state.conv
-        bias = None if self.conv_bias is None else self.conv_bias[...]
-        xbc, conv_state = causal_conv(xbc, self.conv_weight[...], bias, prefix)
-        xbc = jnp.where(keep, jax.nn.silu(xbc), 0).astype(x.dtype)
-        xs, B, C = jnp.split(xbc, [inner, inner + g * n], axis=-1)
-        xs = rearrange(xs, "b t (h p) -> b t h p", h=h)
-        B = rearrange(B, "b t (g n) -> b t g n", g=g)
-        C = rearrange(C, "b t (g n) -> b t g n", g=g)
-
-        lo, hi = cfg.time_step_limit
-        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        dt = jnp.clip(dt, lo, hi)
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-
+        t = x.shape[1]
+        p_ = self.project(x, layout, None if state is None else state.conv)
+        xs, B, C, dt, A = p_["x"], p_["B"], p_["C"], p_["dt"], p_["A"]
         ssm0 = None if state is None else state.ssm
         if t == 1 and ssm0 is not None:
             y, ssm = ssd_step(ssm0, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
@@ -113,9 +132,9 @@ class Mamba2Mixer(nnx.Module):
             y, ssm = ssd(xs, dt, A, B, C, chunk_size=cfg.chunk_size, initial_state=ssm0, impl=cfg.ssd_impl)
         y = y + xs.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
         y = rearrange(y, "b t h p -> b t (h p)")
-        y = self.norm(y, z)
+        y = self.norm(y, p_["z"])
         out = jnp.einsum("bte,ed->btd", y.astype(x.dtype), self.out_proj[...])
         if self.out_proj_bias is not None:
             out = out + self.out_proj_bias[...]
-        new_state = None if state is None else MambaState(conv=conv_state, ssm=ssm)
+        new_state = None if state is None else MambaState(conv=p_["conv_state"], ssm=ssm)
         return out, new_state
