@@ -134,10 +134,10 @@ def generate(
     if reduction is not None:
         from hybridvlm.lm import check_reduction
 
-        visual = inputs.get("visual_mask")
-        if visual is None and hasattr(model, "visual_mask"):
-            visual = model.visual_mask(input_ids, reduction)
-        check_reduction(reduction, visual, cfg.num_layers)
+        if hasattr(model, "check_reduction"):
+            model.check_reduction(input_ids, reduction, **inputs)
+        else:
+            check_reduction(reduction, inputs.get("visual_mask"), cfg.num_layers)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, input_ids, attention_mask, inputs,

@@ -36,6 +36,7 @@ class VLMConfig:
     projector_hidden_size: int = 4096
     vision_final_layernorm: bool = False  # present when the LM has MTP layers
     image_size: int | None = None  # frame side in pixels (force_image_size)
+    video_pruning_rate: float = 0.0  # EVS before the LM; 0 disables it
     image_start_token: str = "<img>"
     image_end_token: str = "</img>"
 
@@ -47,6 +48,8 @@ class VLMConfig:
             raise ConfigError(f"VLMConfig.image_token_id: {self.image_token_id} is outside the vocabulary")
         if self.vision.video_temporal_patch_size is None:
             raise ConfigError("VLMConfig.vision: video_temporal_patch_size must be set for video input")
+        if not 0.0 <= self.video_pruning_rate < 1.0:
+            raise ConfigError(f"VLMConfig.video_pruning_rate: {self.video_pruning_rate} is outside [0, 1)")
 
     @property
     def merge(self) -> int:
@@ -106,6 +109,7 @@ class VLMConfig:
             projector_hidden_size=int(hf.get("projector_hidden_size", 4096)),
             vision_final_layernorm=int(text.get("num_nextn_predict_layers") or 0) > 0,
             image_size=hf.get("force_image_size"),
+            video_pruning_rate=float(hf.get("video_pruning_rate") or 0.0),
         )
 
 
@@ -223,10 +227,48 @@ class NemotronHVLModel(nnx.Module):
             visual = self.image_embeddings(pixel_values)
         else:
             return h
-        is_visual = input_ids == self.config.image_token_id
+        return jnp.where(self._is_visual(input_ids)[..., None], jnp.take(visual, self._slots(input_ids), axis=0), h)
+
+    def _is_visual(self, input_ids):
+        return input_ids == self.config.image_token_id
+
+    def _slots(self, input_ids):
+        """(b, t) index of each placeholder among all placeholders, row-major (0 elsewhere)."""
+        is_visual = self._is_visual(input_ids)
         slot = jnp.cumsum(is_visual.reshape(-1)).reshape(is_visual.shape) - 1
-        gathered = jnp.take(visual, jnp.clip(slot, 0, visual.shape[0] - 1), axis=0)
-        return jnp.where(is_visual[..., None], gathered, h)
+        return jnp.clip(slot, 0, None)
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None):
+        """Embeds the prompt and applies EVS (if `video_pruning_rate` > 0).
+
+        EVS drops, per video, the tokens least changed since the previous
+        tubelet (the reference's `compute_retention_mask`), before the LM;
+        the kept tokens keep their order. Every row must hold the same number
+        of videos, so the new length is static.
+        Returns:
+          input_ids, attention_mask (b, t') and embeddings (b, t', d).
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        h = self.embed(input_ids, pixel_values_videos, pixel_values)
+        rate = self.config.video_pruning_rate
+        if pixel_values_videos is None or rate == 0.0:
+            return input_ids, attention_mask, h
+        from reduction.evs import evs_keep_count, evs_retention_mask
+        from reduction.prune import compaction_order
+
+        v, tubelets, _, H, W = pixel_values_videos.shape
+        b = input_ids.shape[0]
+        if v % b:
+            raise ValueError(f"EVS needs the same number of videos in every row: {v} videos for {b} rows")
+        per_video = tubelets * self.config.tokens_per_tubelet(H, W)
+        embeds = self.video_embeddings(pixel_values_videos).reshape(v, tubelets, per_video // tubelets, -1)
+        retained = jax.vmap(lambda e: evs_retention_mask(e, rate))(embeds).reshape(-1)  # (v * per_video,)
+        keep = ~self._is_visual(input_ids) | jnp.take(retained, self._slots(input_ids))
+        drop = (v // b) * (per_video - evs_keep_count(tubelets, per_video // tubelets, rate))
+        order = compaction_order(keep, input_ids.shape[1] - drop)
+        take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+        return take(input_ids), take(attention_mask), take(h)
 
     # -------------------------------------------------------------- modes
     def __call__(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None,
@@ -235,11 +277,28 @@ class NemotronHVLModel(nnx.Module):
         (videos, tubelets, 2*3, H, W) or images (images, 3, H, W).
 
         reduction: optional static ReductionPlan; the visual tokens are the
-        placeholder positions, and t' = t minus the pruned tokens.
+        placeholder positions (after EVS, when `video_pruning_rate` > 0, so
+        `reduction.num_visual` counts the tokens EVS keeps), and t' = t minus
+        the tokens EVS and the plan prune.
         """
-        h = self.embed(input_ids, pixel_values_videos, pixel_values)
-        return self.language_model(input_ids, attention_mask=attention_mask, inputs_embeds=h, reduction=reduction,
-                                   visual_mask=self.visual_mask(input_ids, reduction))
+        ids, mask, h = self.prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
+        return self.language_model(ids, attention_mask=mask, inputs_embeds=h, reduction=reduction,
+                                   visual_mask=self.visual_mask(ids, reduction))
+
+    def check_reduction(self, input_ids, reduction, pixel_values_videos=None, pixel_values=None):
+        """Eager check that a plan fits this prompt: its layers, and its
+        visual-token count per row (after EVS when enabled)."""
+        from hybridvlm.lm import check_reduction
+
+        mask = np.asarray(input_ids) == self.config.image_token_id
+        if pixel_values_videos is not None and self.config.video_pruning_rate > 0:
+            from reduction.evs import evs_keep_count
+
+            v, tubelets, _, H, W = pixel_values_videos.shape
+            per_tubelet = self.config.tokens_per_tubelet(H, W)
+            kept = (v // mask.shape[0]) * evs_keep_count(tubelets, per_tubelet, self.config.video_pruning_rate)
+            mask = np.arange(mask.shape[1])[None, :] < np.full((mask.shape[0], 1), kept)  # any mask with `kept` per row
+        check_reduction(reduction, mask, self.text_config.num_layers)
 
     def visual_mask(self, input_ids, reduction):
         """(b, t) placeholder positions when a plan needs them, else None."""
@@ -247,9 +306,9 @@ class NemotronHVLModel(nnx.Module):
 
     def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None, pixel_values=None,
                 reduction=None):
-        h = self.embed(input_ids, pixel_values_videos, pixel_values)
-        return self.language_model.prefill(input_ids, attention_mask, cache_size, inputs_embeds=h,
-                                           reduction=reduction, visual_mask=self.visual_mask(input_ids, reduction))
+        ids, mask, h = self.prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
+        return self.language_model.prefill(ids, mask, cache_size, inputs_embeds=h,
+                                           reduction=reduction, visual_mask=self.visual_mask(ids, reduction))
 
     def decode(self, tokens, cache):
         return self.language_model.decode(tokens, cache)

@@ -174,3 +174,40 @@ def test_vlm_generate_with_reduction():
     assert logits.shape[1] == e["input_ids"].shape[1] - (V - plan.schedule[-1])
     out = vlm.generate(e["input_ids"], max_new_tokens=4, pixel_values_videos=pv, reduction=plan)
     assert out.shape == (1, 4)
+
+
+def test_evs_composes_with_a_plan():
+    """EVS (before the LM) then a plan inside it: the EVS-pruned forward equals
+    the LM run on the embeddings of the retained tokens, selected independently."""
+    import os
+
+    import hybridvlm
+    from reduction.evs import evs_keep_count
+    from reduction.plan import progressive
+
+    d = os.path.join(os.path.dirname(__file__), "fixtures", "vlm", "omni_video")
+    e = np.load(os.path.join(d, "expected.npz"))
+    vlm = hybridvlm.from_pretrained(d, video_pruning_rate=0.5)
+    ids, pv = jnp.asarray(e["input_ids"]), jnp.asarray(e["pixel_values_videos"])
+    kept = evs_keep_count(3, 4, 0.5)  # 3 tubelets x 4 tokens
+    assert kept == 6
+    out = vlm(ids, pixel_values_videos=pv)
+    assert out.shape[1] == ids.shape[1] - (12 - kept)
+
+    # Independent selection: numpy cosine dissimilarity to the previous tubelet.
+    emb = np.asarray(vlm.video_embeddings(pv)).reshape(3, 4, -1)
+    unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    score = np.concatenate([np.full(4, np.inf), 1 - (unit[1:] * unit[:-1]).sum(-1).ravel()])
+    keep_vis = np.sort(np.argsort(-score, kind="stable")[:kept])
+    vis_pos = np.flatnonzero(np.asarray(ids[0]) == vlm.config.image_token_id)
+    order = np.sort(np.concatenate([np.flatnonzero(np.asarray(ids[0]) != vlm.config.image_token_id), vis_pos[keep_vis]]))
+    h = vlm.embed(ids, pv)[:, order]
+    want = vlm.language_model(ids[:, order], inputs_embeds=h)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=0)
+
+    plan = progressive(vlm.text_config.num_layers, kept, 0.5)
+    res = vlm.generate(ids, max_new_tokens=3, pixel_values_videos=pv, reduction=plan)
+    assert res.shape == (1, 3)
+    with pytest.raises(ValueError, match="expects 12 visual tokens"):
+        vlm.generate(ids, max_new_tokens=3, pixel_values_videos=pv,
+                     reduction=ReductionPlan(num_layers=vlm.text_config.num_layers, num_visual=12))
