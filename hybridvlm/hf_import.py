@@ -21,7 +21,7 @@ from einops import rearrange
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from hybridvlm.config import ATTENTION, MAMBA, MLP, ConfigError, LMConfig
+from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
 from hybridvlm.lm import NemotronHForCausalLM
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from hybridvlm.hf_import import (
     Source, SafetensorsSet, TensorRule, build_model, hf_dtype, lm_prefixes, lm_rules, read_hf_config,
-    read_tensors, rule,
+    read_tensors,
 )
 from hybridvlm.radio import RadioConfig, RadioVisionModel
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig

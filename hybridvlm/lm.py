@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hybridvlm.cache import Cache, KVCache, Layout, MambaState
+from hybridvlm.cache import Cache, KVCache, Layout
 from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
 from hybridvlm.layers.attention import Attention
 from hybridvlm.layers.init import normal_param
