@@ -21,14 +21,13 @@ step's state) is shown as "failed" and also ends that row's lengths.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from eval.timing import timed
 from hybridvlm.kernels.ssd_pallas import ssd_pallas
 from hybridvlm.ssd import ssd_chunked, ssd_sequential
 
@@ -72,17 +71,6 @@ def make_inputs(b, l, h, p, n, g, dtype):
     return x, dt, A, B, C
 
 
-def timed(fn, args, repeats):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds, on_row=None):
     """Times every point; a point that fails (e.g. out of memory) is recorded, not fatal."""
     rows, too_slow = [], set()
@@ -103,7 +91,7 @@ def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds
                 row = dict(impl=impl, length=l, mode=mode, seconds=None)
                 if (impl, mode) not in too_slow:
                     try:
-                        s = timed(fn, args, repeats)
+                        s, _ = timed(fn, args, repeats)
                     except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED
                         row["error"] = str(e).splitlines()[0][:120]
                         too_slow.add((impl, mode))

@@ -145,7 +145,7 @@ class NemotronHForCausalLM(nnx.Module):
             q, k = layer.mixer.project_qk(x, layout)
             return rs.attention_scores(q, k, num_query=num_query, query_mask=query, visual_mask=visual,
                                        key_valid=layout.valid, scale=self.config.head_dim ** -0.5, cfg=score_cfg)
-        p = layer.mixer.project(x, layout)
+        p = layer.mixer.project_scoring(x, layout)
         return rs.mamba_scores(p["C"], p["B"], p["dt"], p["A"], num_query=num_query, query_mask=query,
                                visual_mask=visual, key_valid=layout.valid, cfg=score_cfg)
 

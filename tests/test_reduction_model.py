@@ -211,3 +211,20 @@ def test_evs_composes_with_a_plan():
     with pytest.raises(ValueError, match="expects 12 visual tokens"):
         vlm.generate(ids, max_new_tokens=3, pixel_values_videos=pv,
                      reduction=ReductionPlan(num_layers=vlm.text_config.num_layers, num_visual=12))
+
+
+def test_scoring_projection_equals_full_projection():
+    """The cheap B/C/dt-only projection used for scoring equals the mixer's own."""
+    from conftest import tiny_config
+    from hybridvlm.layers.mamba2 import Mamba2Mixer
+
+    cfg = tiny_config(pattern="M", use_bias=True, chunk_size=8)
+    mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(3))
+    # Non-zero biases so that their slicing is checked too.
+    mixer.in_proj_bias.set_value(jax.random.normal(jax.random.key(1), mixer.in_proj_bias.shape))
+    mixer.conv_bias.set_value(jax.random.normal(jax.random.key(2), mixer.conv_bias.shape))
+    x = jax.random.normal(jax.random.key(0), (2, 11, cfg.hidden_size))
+    layout = Layout.prompt(jnp.asarray(np.arange(11)[None] >= np.array([[0], [3]])))
+    full, cheap = mixer.project(x, layout), mixer.project_scoring(x, layout)
+    for k in ("B", "C", "dt", "A"):
+        np.testing.assert_allclose(np.asarray(cheap[k]), np.asarray(full[k]), atol=1e-6, rtol=0, err_msg=k)

@@ -109,6 +109,40 @@ class Mamba2Mixer(nnx.Module):
             conv_state=conv_state,
         )
 
+    def project_scoring(self, x, layout: Layout):
+        """B, C (b, t, g, n) and dt (b, t, h) only, for token scoring.
+
+        Equal to `project(...)`'s values (the conv is depthwise, so B and C
+        need only their own channels) at a fraction of the cost: the z and x
+        columns of in_proj, most of its width, are skipped.
+        """
+        cfg = self.cfg
+        inner, g, n, h = cfg.mamba_intermediate, cfg.n_groups, cfg.ssm_state_size, cfg.mamba_num_heads
+        bc = slice(2 * inner, 2 * inner + 2 * g * n)  # in_proj columns of B and C
+        dtc = slice(inner + cfg.conv_dim, inner + cfg.conv_dim + h)
+        keep = layout.valid[..., None]
+        xm = jnp.where(keep, x, 0).astype(x.dtype)
+        w = self.in_proj[...]
+        proj_bc = jnp.einsum("btd,de->bte", xm, w[:, bc])
+        proj_dt = jnp.einsum("btd,dh->bth", xm, w[:, dtc])
+        if self.in_proj_bias is not None:
+            proj_bc = proj_bc + self.in_proj_bias[...][bc]
+            proj_dt = proj_dt + self.in_proj_bias[...][dtc]
+        conv_ch = slice(inner, inner + 2 * g * n)  # the same channels within the conv
+        bias = None if self.conv_bias is None else self.conv_bias[...][conv_ch]
+        prefix = jnp.zeros((x.shape[0], cfg.conv_kernel - 1, 2 * g * n), x.dtype)
+        bc_out, _ = causal_conv(proj_bc, self.conv_weight[...][:, conv_ch], bias, prefix)
+        bc_out = jnp.where(keep, jax.nn.silu(bc_out), 0).astype(x.dtype)
+        B, C = jnp.split(bc_out, 2, axis=-1)
+        lo, hi = cfg.time_step_limit
+        dt = jax.nn.softplus(proj_dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        return dict(
+            B=rearrange(B, "b t (g n) -> b t g n", g=g),
+            C=rearrange(C, "b t (g n) -> b t g n", g=g),
+            dt=jnp.clip(dt, lo, hi),
+            A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
+        )
+
     def __call__(self, x, layout: Layout, state: MambaState | None = None):
         """Runs the mixer over x's tokens.
 
