@@ -228,3 +228,25 @@ def test_scoring_projection_equals_full_projection():
     full, cheap = mixer.project(x, layout), mixer.project_scoring(x, layout)
     for k in ("B", "C", "dt", "A"):
         np.testing.assert_allclose(np.asarray(cheap[k]), np.asarray(full[k]), atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_mixer_implicit_attention_reproduces_its_ssd_output():
+    """With the decay term, the implicit-attention matrix built from a real
+    mixer's B, C, dt, A, applied to its SSD input x, gives its SSD output."""
+    from conftest import tiny_config
+    from hybridvlm.layers.mamba2 import Mamba2Mixer
+    from hybridvlm.ssd import ssd
+    from reduction.scores import implicit_attention_matrix
+
+    cfg = tiny_config(pattern="M", chunk_size=4)
+    mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(5))
+    # Steps of order 0.5 and O(1) activations, so the output is far from zero.
+    mixer.dt_bias.set_value(jnp.zeros_like(mixer.dt_bias[...]))
+    x = 30.0 * jax.random.normal(jax.random.key(4), (2, 13, cfg.hidden_size))
+    p = mixer.project(x, Layout.prompt(jnp.ones((2, 13), bool)))
+    y, _ = ssd(p["x"], p["dt"], p["A"], p["B"], p["C"], chunk_size=cfg.chunk_size, impl="chunked")
+    M = implicit_attention_matrix(p["C"], p["B"], p["dt"], p["A"])  # (b, h, t, t)
+    y_from_M = jnp.einsum("bhts,bshp->bthp", M, p["x"].astype(jnp.float32))
+    scale = float(jnp.abs(y).max())
+    assert scale > 1e-3
+    np.testing.assert_allclose(np.asarray(y_from_M), np.asarray(y), atol=1e-5 * scale, rtol=0)
