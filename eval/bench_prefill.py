@@ -51,23 +51,6 @@ from reduction.scores import ScoreConfig
 
 SHAPES = ("step", "linear", "sigmoid", "fastv", "pyramid", "uniform", "random")
 
-_CONFIG = config_flags.DEFINE_config_file("config", configs.path("bench_hybrid"), "ml_collections LM config file.")
-_BUDGETS = flags.DEFINE_list("budgets", ["0.25", "0.35", "0.5"], "Visual-token budgets.")
-_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Plans to time, of {SHAPES}.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
-_NUM_VISUAL = flags.DEFINE_integer("num_visual", None, "Visual tokens (default: config bench.num_visual).")
-_PREFIX = flags.DEFINE_integer("prefix", None, "Text tokens before the video (default: config bench.prefix).")
-_QUESTION = flags.DEFINE_integer("question", None, "Question tokens after the video (default: config bench.question).")
-_MAX_QUERY = flags.DEFINE_integer("max_query", None,
-                                  "ScoreConfig.max_query of the scored plans (default: the question length; "
-                                  "0: ScoreConfig's default).")
-_FASTV_LAYER = flags.DEFINE_integer("fastv_layer", 2, "K of fastv / uniform_stride / random_plan.")
-_STAGE_KINDS = flags.DEFINE_string("stage_kinds", "",
-                                   "Snap stage layers to layers of these pattern kinds (e.g. '*': attention "
-                                   "layers only, where scoring is cheap); empty: any layer (builders' default).")
-_OVERHEAD = flags.DEFINE_bool("overhead", True, "Also time each scored plan with the uniform selector.")
-_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Shrink model and prompt for a quick check (1 repeat).")
-_JSON = flags.DEFINE_string("json", None, "Write all rows, the config and machine info as JSON here.")
 
 # --runlocal: a small model and prompt that run the whole grid in about a minute on a laptop CPU.
 RUNLOCAL_MODEL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +60,26 @@ RUNLOCAL_BENCH = dict(prefix=8, num_visual=1024, question=16)
 
 
 # ----------------------------------------------------------------------------- FLOP model
+
+
+def define_flags() -> None:
+    """Registers the CLI flags; called under __main__ only, so the eval modules can be
+    imported together (they share flag names such as --config and --json)."""
+    config_flags.DEFINE_config_file("config", configs.path("bench_hybrid"), "ml_collections LM config file.")
+    flags.DEFINE_list("budgets", ["0.25", "0.35", "0.5"], "Visual-token budgets.")
+    flags.DEFINE_list("shapes", list(SHAPES), f"Plans to time, of {SHAPES}.")
+    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
+    flags.DEFINE_integer("num_visual", None, "Visual tokens (default: config bench.num_visual).")
+    flags.DEFINE_integer("prefix", None, "Text tokens before the video (default: config bench.prefix).")
+    flags.DEFINE_integer("question", None, "Question tokens after the video (default: config bench.question).")
+    flags.DEFINE_integer("max_query", None, "ScoreConfig.max_query of the scored plans (default: the question "
+                         "length; 0: ScoreConfig's default).")
+    flags.DEFINE_integer("fastv_layer", 2, "K of fastv / uniform_stride / random_plan.")
+    flags.DEFINE_string("stage_kinds", "", "Snap stage layers to layers of these pattern kinds (e.g. '*': "
+                        "attention layers only, where scoring is cheap); empty: any layer (builders' default).")
+    flags.DEFINE_bool("overhead", True, "Also time each scored plan with the uniform selector.")
+    flags.DEFINE_bool("runlocal", False, "Shrink model and prompt for a quick check (1 repeat).")
+    flags.DEFINE_string("json", None, "Write all rows, the config and machine info as JSON here.")
 
 
 def layer_flops(cfg: LMConfig, kind: str, t: int) -> float:
@@ -278,45 +281,46 @@ def machine_info() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfgd = _CONFIG.value
+    cfgd = flags.FLAGS.config
     model_kw = dict(cfgd.model)
     bench = dict(cfgd.get("bench", {}) or {})
-    repeats = _REPEATS.value
-    if _RUNLOCAL.value:
+    repeats = flags.FLAGS.repeats
+    if flags.FLAGS.runlocal:
         model_kw.update(RUNLOCAL_MODEL)
         bench.update(RUNLOCAL_BENCH)
         repeats = 1
-    prefix = _PREFIX.value if _PREFIX.value is not None else bench.get("prefix", 16)
-    num_visual = _NUM_VISUAL.value if _NUM_VISUAL.value is not None else bench.get("num_visual", 8192)
-    question = _QUESTION.value if _QUESTION.value is not None else bench.get("question", 32)
+    prefix = flags.FLAGS.prefix if flags.FLAGS.prefix is not None else bench.get("prefix", 16)
+    num_visual = flags.FLAGS.num_visual if flags.FLAGS.num_visual is not None else bench.get("num_visual", 8192)
+    question = flags.FLAGS.question if flags.FLAGS.question is not None else bench.get("question", 32)
     cfg = LMConfig(**model_kw)
-    shapes = [s.strip() for s in _SHAPES.value]
+    shapes = [s.strip() for s in flags.FLAGS.shapes]
     for s in shapes:
         if s not in SHAPES:
             raise app.UsageError(f"--shapes: unknown plan {s!r}; use {SHAPES}")
-    budgets = [float(b) for b in _BUDGETS.value]
+    budgets = [float(b) for b in flags.FLAGS.budgets]
     info = machine_info()
     print(f"backend={info['backend']} device={info['device']} cpus={info['cpu_count']} "
           f"layers={cfg.num_layers} pattern={cfg.pattern} hidden={cfg.hidden_size} "
           f"prompt={prefix}+{num_visual}v+{question} repeats={repeats} "
-          f"stage_kinds={_STAGE_KINDS.value or 'any'}")
+          f"stage_kinds={flags.FLAGS.stage_kinds or 'any'}")
     print(HEADER, flush=True)
     t0 = time.perf_counter()
     res = benchmark(cfg, prefix=prefix, num_visual=num_visual, question=question, budgets=budgets, shapes=shapes,
-                    repeats=repeats, max_query=_MAX_QUERY.value, fastv_layer=_FASTV_LAYER.value,
-                    overhead=_OVERHEAD.value, seed=int(cfgd.get("seed", 0)),
-                    stage_kinds=_STAGE_KINDS.value, on_row=print_row)
+                    repeats=repeats, max_query=flags.FLAGS.max_query, fastv_layer=flags.FLAGS.fastv_layer,
+                    overhead=flags.FLAGS.overhead, seed=int(cfgd.get("seed", 0)),
+                    stage_kinds=flags.FLAGS.stage_kinds, on_row=print_row)
     wall = time.perf_counter() - t0
     print(f"wall time {wall:.1f}s; scoring uses max_query={res['num_query']} query rows; "
           f"ideal = FLOP-model speedup incl. scoring; overhead = (t_score - t_uniform) / t_score")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
             json.dump(dict(machine=info, config=cfg.to_dict(),
                            prompt=dict(prefix=prefix, num_visual=num_visual, question=question),
-                           repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=_STAGE_KINDS.value,
+                           repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=flags.FLAGS.stage_kinds,
                            wall_seconds=wall, **res),
                       f, indent=2, default=float)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

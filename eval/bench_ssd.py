@@ -31,19 +31,24 @@ from eval.timing import timed
 from hybridvlm.kernels.ssd_pallas import ssd_pallas
 from hybridvlm.ssd import ssd_chunked, ssd_sequential
 
-_IMPLS = flags.DEFINE_list("impls", ["chunked", "pallas", "sequential"], "Implementations to time.")
-_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_HEADS = flags.DEFINE_integer("heads", 128, "Mamba heads (12B: 128).")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 80, "Mamba head dim (12B: 80).")
-_STATE = flags.DEFINE_integer("state", 128, "SSM state size (12B: 128).")
-_GROUPS = flags.DEFINE_integer("groups", 8, "B/C groups (12B: 8).")
-_CHUNK = flags.DEFINE_integer("chunk", 128, "Chunk size (12B: 128).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of x, B, C.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
-_MAX_SECONDS = flags.DEFINE_float("max_seconds", 30.0, "Skip longer lengths once a call takes longer.")
-_JSON = flags.DEFINE_string("json", None, "Write results as JSON here.")
+
+
+def define_flags() -> None:
+    """Registers the CLI flags; called under __main__ only, so the eval modules can be
+    imported together (they share flag names such as --config and --json)."""
+    flags.DEFINE_list("impls", ["chunked", "pallas", "sequential"], "Implementations to time.")
+    flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
+    flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+    flags.DEFINE_integer("batch", 1, "Batch size.")
+    flags.DEFINE_integer("heads", 128, "Mamba heads (12B: 128).")
+    flags.DEFINE_integer("head_dim", 80, "Mamba head dim (12B: 80).")
+    flags.DEFINE_integer("state", 128, "SSM state size (12B: 128).")
+    flags.DEFINE_integer("groups", 8, "B/C groups (12B: 8).")
+    flags.DEFINE_integer("chunk", 128, "Chunk size (12B: 128).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of x, B, C.")
+    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
+    flags.DEFINE_float("max_seconds", 30.0, "Skip longer lengths once a call takes longer.")
+    flags.DEFINE_string("json", None, "Write results as JSON here.")
 
 
 def flop_model(b, l, h, p, n, g, cs) -> float:
@@ -127,23 +132,24 @@ def format_row(r) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    impls = list(_IMPLS.value)
+    impls = list(flags.FLAGS.impls)
     if "chunked" in impls:  # the baseline is timed first at each point
         impls.remove("chunked")
         impls.insert(0, "chunked")
-    dims = dict(b=_BATCH.value, h=_HEADS.value, p=_HEAD_DIM.value, n=_STATE.value, g=_GROUPS.value,
-                cs=_CHUNK.value)
+    dims = dict(b=flags.FLAGS.batch, h=flags.FLAGS.heads, p=flags.FLAGS.head_dim, n=flags.FLAGS.state, g=flags.FLAGS.groups,
+                cs=flags.FLAGS.chunk)
     device = jax.devices()[0]
-    print(f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={_DTYPE.value}")
+    print(f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={flags.FLAGS.dtype}")
     print(HEADER, flush=True)
-    rows = run(impls, [int(v) for v in _LENGTHS.value], list(_MODES.value), **dims,
-               dtype=jnp.dtype(_DTYPE.value), repeats=_REPEATS.value, max_seconds=_MAX_SECONDS.value,
+    rows = run(impls, [int(v) for v in flags.FLAGS.lengths], list(flags.FLAGS.modes), **dims,
+               dtype=jnp.dtype(flags.FLAGS.dtype), repeats=flags.FLAGS.repeats, max_seconds=flags.FLAGS.max_seconds,
                on_row=lambda r: print(format_row(r), flush=True))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
             json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims,
-                           dtype=_DTYPE.value, rows=rows), f, indent=2)
+                           dtype=flags.FLAGS.dtype, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -33,12 +33,17 @@ from eval.inputs import encode, image_inputs, load_model, video_inputs
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
 
-_CONFIG = config_flags.DEFINE_config_file("config", configs.path("tiny_vlm"), "ml_collections config file.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF or hybridvlm checkpoint directory (default: tiny random VLM).")
-_VIDEO = flags.DEFINE_string("video", None, "Video file (mp4, webm, mkv, avi); default: a generated clip.")
-_IMAGE = flags.DEFINE_string("image", None, "Image file (png, jpg) instead of a video.")
-_QUESTION = flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
-_JSON = flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+
+def define_flags() -> None:
+    """Registers the CLI flags; called under __main__ only, so the eval modules can be
+    imported together (they share flag names such as --config and --json)."""
+    config_flags.DEFINE_config_file("config", configs.path("tiny_vlm"), "ml_collections config file.")
+    flags.DEFINE_string("checkpoint", None, "HF or hybridvlm checkpoint directory (default: tiny random VLM).")
+    flags.DEFINE_string("video", None, "Video file (mp4, webm, mkv, avi); default: a generated clip.")
+    flags.DEFINE_string("image", None, "Image file (png, jpg) instead of a video.")
+    flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
+    flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+
 
 def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
     model, tok, label = load_model(cfg, checkpoint)
@@ -98,7 +103,7 @@ def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = run(_CONFIG.value, _CHECKPOINT.value, _VIDEO.value, _QUESTION.value, _IMAGE.value)
+    r = run(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.video, flags.FLAGS.question, flags.FLAGS.image)
     print(f"model    : {r['model']}")
     print(f"backend  : {r['backend']}")
     if "video" in r:
@@ -111,10 +116,11 @@ def main(argv):
     print(f"answer   : {r['answer']!r}")
     print(f"prefill  : {r['prefill_s'] * 1e3:.1f} ms (compiled ahead: {r['prefill_compile_s']:.2f} s)")
     print(f"generate : {r['generate_s']:.2f} s for {len(r['answer_ids'])} steps incl. compilation")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
             json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
