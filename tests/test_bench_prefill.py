@@ -32,7 +32,7 @@ def test_rows_and_fields(result):
         assert r["achieved_budget"] == pytest.approx(0.5, abs=0.05)
         assert r["ideal_speedup"] > 1.0 and r["ideal_speedup_no_scoring"] >= r["ideal_speedup"]
         if r["selector"] == "score":
-            assert r["uniform_seconds"] > 0 and r["scoring_overhead"] < 1.0
+            assert r["unscored_seconds"] > 0 and r["scoring_overhead"] < 1.0
         else:
             assert r["scoring_overhead"] is None
     json.dumps(res)  # serialisable
