@@ -74,17 +74,18 @@ def load(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM | N
     try:
         with open(path) as f:
             meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
-        if meta.get("model") not in MODEL_CLASSES:
-            raise CheckpointError(f"{path}: unknown model class {meta.get('model')!r}")
-        model_cls, config_cls = MODEL_CLASSES[meta["model"]]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint config ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    if meta.get("model") not in MODEL_CLASSES:
+        raise CheckpointError(f"{path}: unknown model class {meta.get('model')!r}")
+    model_cls, config_cls = MODEL_CLASSES[meta["model"]]
+    try:
         cfg = config_cls.from_dict(meta["config"])
         saved_dtype = jnp.dtype(meta["dtype"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: cannot read checkpoint config ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid checkpoint config ({e})") from None
     cfg = cfg.replace(**overrides) if overrides else cfg
     dtype = jnp.dtype(dtype or saved_dtype)
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))

@@ -132,12 +132,12 @@ def generate(
     if hasattr(model, "check_inputs"):
         model.check_inputs(input_ids, **inputs)
     if reduction is not None:
-        from hybridvlm.lm import check_reduction
+        from hybridvlm.lm import check_reduction, visual_counts
 
         if hasattr(model, "check_reduction"):
             model.check_reduction(input_ids, reduction, **inputs)
         else:
-            check_reduction(reduction, inputs.get("visual_mask"), cfg.num_layers)
+            check_reduction(reduction, cfg.num_layers, visual_counts(reduction, inputs.get("visual_mask")))
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, input_ids, attention_mask, inputs,

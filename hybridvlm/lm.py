@@ -168,7 +168,7 @@ class NemotronHForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        check_reduction(reduction, visual_mask, self.num_layers)
+        check_reduction(reduction, self.num_layers, visual_counts(reduction, visual_mask))
         h, _ = self.run_layers(h, Layout.prompt(attention_mask), reduction=reduction, visual=visual_mask)
         return self.logits(h)
 
@@ -211,7 +211,7 @@ class NemotronHForCausalLM(nnx.Module):
         b, t = input_ids.shape
         if cache_size < t:
             raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {t}")
-        check_reduction(reduction, visual_mask, self.num_layers)
+        check_reduction(reduction, self.num_layers, visual_counts(reduction, visual_mask))
         layout = Layout.prompt(attention_mask)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         sizes = cache_size
@@ -253,16 +253,27 @@ class NemotronHForCausalLM(nnx.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
 
-def check_reduction(reduction, visual_mask, num_layers: int) -> None:
-    """Static checks of a plan against the model and (when concrete) the visual mask."""
+def check_reduction(reduction, num_layers: int, visual_counts=None) -> None:
+    """Static checks of a plan: its depth, and the visual tokens per row when known.
+
+    visual_counts: per-row visual-token counts of concrete inputs, or None
+    (traced inputs: nothing to check).
+    """
     if reduction is None:
         return
-    if visual_mask is None:
-        raise ValueError("reduction= needs visual_mask (b, t): which tokens are visual")
     if reduction.num_layers != num_layers:
         raise ValueError(f"reduction plan is for {reduction.num_layers} layers, the model has {num_layers}")
-    if not isinstance(visual_mask, jax.core.Tracer):
-        counts = set(np.asarray(visual_mask).sum(axis=1).tolist())
+    if visual_counts is not None:
+        counts = {int(c) for c in visual_counts}
         if counts != {reduction.num_visual}:
             raise ValueError(f"reduction plan expects {reduction.num_visual} visual tokens per row, "
-                             f"visual_mask has {sorted(counts)}")
+                             f"the input has {sorted(counts)}")
+
+
+def visual_counts(reduction, visual_mask):
+    """Per-row counts of a concrete visual mask (None when traced); the mask is required with a plan."""
+    if reduction is None:
+        return None
+    if visual_mask is None:
+        raise ValueError("reduction= needs visual_mask (b, t): which tokens are visual")
+    return None if isinstance(visual_mask, jax.core.Tracer) else np.asarray(visual_mask).sum(axis=1)

@@ -290,15 +290,15 @@ class NemotronHVLModel(nnx.Module):
         visual-token count per row (after EVS when enabled)."""
         from hybridvlm.lm import check_reduction
 
-        mask = np.asarray(input_ids) == self.config.image_token_id
+        counts = (np.asarray(input_ids) == self.config.image_token_id).sum(axis=1)
         if pixel_values_videos is not None and self.config.video_pruning_rate > 0:
             from reduction.evs import evs_keep_count
 
             v, tubelets, _, H, W = pixel_values_videos.shape
             per_tubelet = self.config.tokens_per_tubelet(H, W)
-            kept = (v // mask.shape[0]) * evs_keep_count(tubelets, per_tubelet, self.config.video_pruning_rate)
-            mask = np.arange(mask.shape[1])[None, :] < np.full((mask.shape[0], 1), kept)  # any mask with `kept` per row
-        check_reduction(reduction, mask, self.text_config.num_layers)
+            kept = (v // len(counts)) * evs_keep_count(tubelets, per_tubelet, self.config.video_pruning_rate)
+            counts = np.full_like(counts, kept)
+        check_reduction(reduction, self.text_config.num_layers, counts)
 
     def visual_mask(self, input_ids, reduction):
         """(b, t) placeholder positions when a plan needs them, else None."""
