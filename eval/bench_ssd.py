@@ -3,13 +3,17 @@
     python -m eval.bench_ssd                       # 12B Mamba-layer dims, 1k..32k tokens
     python -m eval.bench_ssd --lengths 1024,4096 --heads 8 --json out.json
 
-For each implementation ("chunked", "pallas", "sequential"), sequence length
-and mode ("fwd", "fwd_bwd"), the compiled function is timed after a warm-up
-call with `block_until_ready`; the table shows the median time, the speed
-relative to the chunked XLA path at the same point, and FLOP/s achieved under
-one FLOP model (the chunked algorithm's useful work) for all implementations.
-The Pallas backward recomputes through the chunked XLA path (see
-hybridvlm/kernels/ssd_pallas.py), which the fwd_bwd rows include.
+For each implementation, sequence length and mode ("fwd", "fwd_bwd"), the
+compiled function is timed after a warm-up call with `block_until_ready`; the
+table shows the median time, the speed relative to the chunked XLA path at the
+same point, and FLOP/s achieved under one FLOP model (the chunked algorithm's
+useful work) for all implementations. Implementations:
+  chunked         plain XLA state-space duality (the baseline);
+  pallas          Pallas forward and Pallas backward kernels;
+  pallas_xla_bwd  Pallas forward, backward recomputed through the chunked XLA
+                  path (the first backward; fwd_bwd rows only, its forward
+                  is "pallas");
+  sequential      `lax.scan` over time (the reference).
 
 On CPU the Pallas kernels run in interpret mode: correct, but not a measure
 of kernel speed. Once one measurement exceeds --max-seconds, longer lengths
@@ -36,7 +40,7 @@ from hybridvlm.ssd import ssd_chunked, ssd_sequential
 def define_flags() -> None:
     """Registers the CLI flags; called under __main__ only, so the eval modules can be
     imported together (they share flag names such as --config and --json)."""
-    flags.DEFINE_list("impls", ["chunked", "pallas", "sequential"], "Implementations to time.")
+    flags.DEFINE_list("impls", list(IMPLS), "Implementations to time.")
     flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
     flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
     flags.DEFINE_integer("batch", 1, "Batch size.")
@@ -51,6 +55,11 @@ def define_flags() -> None:
     flags.DEFINE_string("json", None, "Write results as JSON here.")
 
 
+IMPLS = ("chunked", "pallas", "pallas_xla_bwd", "sequential")
+# Implementations whose forward is another's: timed in fwd_bwd mode only.
+BACKWARD_ONLY = ("pallas_xla_bwd",)
+
+
 def flop_model(b, l, h, p, n, g, cs) -> float:
     """Useful FLOPs of the chunked SSD forward (x3 for forward + backward)."""
     return 2.0 * b * l * (g * cs * n + h * cs * p + 2 * h * p * n)
@@ -61,6 +70,8 @@ def make_fn(impl, chunk):
         return lambda x, dt, A, B, C: ssd_chunked(x, dt, A, B, C, chunk_size=chunk)
     if impl == "pallas":
         return lambda x, dt, A, B, C: ssd_pallas(x, dt, A, B, C, chunk_size=chunk)
+    if impl == "pallas_xla_bwd":
+        return lambda x, dt, A, B, C: ssd_pallas(x, dt, A, B, C, chunk_size=chunk, backward="chunked")
     if impl == "sequential":
         return lambda x, dt, A, B, C: ssd_sequential(x, dt, A, B, C)
     raise app.UsageError(f"--impls: unknown implementation {impl!r}")
@@ -84,6 +95,8 @@ def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds
         for mode in modes:
             base = None
             for impl in impls:
+                if mode == "fwd" and impl in BACKWARD_ONLY:
+                    continue
                 fwd = make_fn(impl, cs)
                 if mode == "fwd":
                     fn = fwd
@@ -116,11 +129,11 @@ def run(impls, lengths, modes, *, b, h, p, n, g, cs, dtype, repeats, max_seconds
     return rows
 
 
-HEADER = f"{'impl':<11}{'length':>8} {'mode':<8}{'time (ms)':>12}{'vs chunked':>12}{'GFLOP/s':>10}"
+HEADER = f"{'impl':<15}{'length':>8} {'mode':<8}{'time (ms)':>12}{'vs chunked':>12}{'GFLOP/s':>10}"
 
 
 def format_row(r) -> str:
-    lead = f"{r['impl']:<11}{r['length']:>8} {r['mode']:<8}"
+    lead = f"{r['impl']:<15}{r['length']:>8} {r['mode']:<8}"
     if "error" in r:
         return lead + f"{'failed':>12}  {r['error']}"
     if r["seconds"] is None:

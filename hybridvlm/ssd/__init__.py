@@ -3,9 +3,9 @@
 `ssd(..., impl=...)` picks an implementation by name:
   "sequential": `lax.scan` over time (the reference; slow, exact);
   "chunked":    the chunked state-space-duality algorithm in plain XLA;
-  "pallas":     Pallas kernels for the chunk-local work around an associative
-                scan over chunk states (`hybridvlm.kernels.ssd_pallas`);
-                interpret mode on CPU;
+  "pallas":     Pallas kernels for the chunk-local work, forward and backward,
+                around associative scans over chunk states
+                (`hybridvlm.kernels.ssd_pallas`); interpret mode on CPU;
   "auto":       "pallas" on TPU and GPU, "chunked" on CPU.
 All return (y, final_state) and accept an initial state, so a prefill can
 hand its state to decoding.
