@@ -125,10 +125,8 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
     Args: the forward's inputs, dy (b, l, h, p) and d_final (b, h, p, n).
     """
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
-    xh, dyh = lay.heads_to_chunks(x, d), lay.heads_to_chunks(dy.astype(F32), d)
-    Bg, Cg = lay.groups_to_chunks(B, d), lay.groups_to_chunks(C, d)
-    dth, a_cum = lay.log_decay(dt, A, d)
-    to_end = jnp.exp(a_cum[..., -1:] - a_cum) * dth
+    o = lay.operands(x, dt, A, B, C, d)
+    dyh = lay.heads_to_chunks(dy.astype(F32), d)
     hb, gb = lay.head_block, lay.group_block(d)
     common = dict(plan=plan, interpret=interpret)
     state = jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.P, d.N), F32)
@@ -140,9 +138,9 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
         in_specs=[hb(d.cs, d.P), gb, hb(d.cs, 1), hb(d.cs, d.P), gb, hb(d.cs, 1)],
         out_specs=[hb(d.P, d.N), hb(d.P, d.N)],
         out_shape=[state, state], name="ssd_bwd_states", **common,
-    )(xh, Bg, lay.col(to_end), dyh, Cg, lay.col(a_cum))
+    )(o.x, o.B, lay.col(o.to_end), dyh, o.C, lay.col(o.a_cum))
 
-    chunk_decay = jnp.exp(a_cum[..., -1])
+    chunk_decay = jnp.exp(o.a_cum[..., -1])
     s_start, _ = lay.chunk_states(chunk_decay, u, lay.pad_state(initial_state, d))
     d_end, d_initial = lay.state_cotangents(chunk_decay, v, lay.pad_state(d_final, d))
 
@@ -168,13 +166,13 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
         out_shape=[jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.P), F32), bc_shape, bc_shape,
                    column, row, column, row],
         grid=grid, semantics=semantics, name="ssd_bwd_grads", **common,
-    )(xh, Bg, Cg, dyh, lay.col(a_cum), lay.row(a_cum), lay.row(dth), lay.col(to_end), s_start, d_end)
+    )(o.x, o.B, o.C, dyh, lay.col(o.a_cum), lay.row(o.a_cum), lay.row(o.dt), lay.col(o.to_end), s_start, d_end)
 
     # a_cum_i = sum_{k <= i} dt_k A within the chunk: its cotangent flows back
     # to every earlier step of the chunk.
     d_step = jax.lax.cumsum(dacol[..., 0] + darow[..., 0, :], axis=3, reverse=True)  # (b, h, c, s)
     ddt = ddtcol[..., 0] + ddtrow[..., 0, :] + d_step * A.astype(F32)[None, :, None, None]
-    dA = jnp.einsum("bhcs,bhcs->h", d_step, dth)
+    dA = jnp.einsum("bhcs,bhcs->h", d_step, o.dt)
     if accumulate:
         group_sum = lambda v: rearrange(v, "b g c s n -> b (c s) g n")[:, : d.l, :, : d.n]
     else:

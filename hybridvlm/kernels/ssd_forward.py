@@ -53,10 +53,7 @@ def _state_readout_kernel(y_ref, c_ref, acol_ref, s_ref, out_ref):
 def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret):
     """Forward pass; shapes as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`."""
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
-    xh = lay.heads_to_chunks(x, d)
-    Bg, Cg = lay.groups_to_chunks(B, d), lay.groups_to_chunks(C, d)
-    dth, a_cum = lay.log_decay(dt, A, d)
-    to_end = jnp.exp(a_cum[..., -1:] - a_cum) * dth  # (b, h, c, s)
+    o = lay.operands(x, dt, A, B, C, d)
     hb, gb = lay.head_block, lay.group_block(d)
     common = dict(plan=plan, interpret=interpret)
 
@@ -67,9 +64,9 @@ def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret):
         out_shape=[jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.P), F32),
                    jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.P, d.N), F32)],
         name="ssd_chunk_local", **common,
-    )(xh, Bg, Cg, lay.col(a_cum), lay.row(a_cum), lay.row(dth), lay.col(to_end))
+    )(o.x, o.B, o.C, lay.col(o.a_cum), lay.row(o.a_cum), lay.row(o.dt), lay.col(o.to_end))
 
-    s_start, s_final = lay.chunk_states(jnp.exp(a_cum[..., -1]), u, lay.pad_state(initial_state, d))
+    s_start, s_final = lay.chunk_states(jnp.exp(o.a_cum[..., -1]), u, lay.pad_state(initial_state, d))
 
     y = lay.call(
         _state_readout_kernel, d,
@@ -77,5 +74,5 @@ def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret):
         out_specs=hb(d.cs, d.P),
         out_shape=jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.P), F32),
         input_output_aliases={0: 0}, name="ssd_state_readout", **common,
-    )(y_diag, Cg, lay.col(a_cum), s_start)
+    )(y_diag, o.C, lay.col(o.a_cum), s_start)
     return lay.chunks_to_heads(y, d), s_final[:, :, : d.p, : d.n]

@@ -14,6 +14,7 @@ c chunk, s position in chunk, P padded head dim, N padded state size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,13 +114,26 @@ def pad_state(s, d: Dims):
     return pad_axis(pad_axis(s.astype(F32), 2, d.P), 3, d.N)
 
 
-def log_decay(dt, A, d: Dims):
-    """dt (b, l, h), A (h,) -> dt and cumulative log-decay a_cum, both (b, h, c, s) float32.
+class Operands(NamedTuple):
+    """Kernel operands in the padded chunk layout."""
 
-    Stays in XLA: Mosaic cannot lower a cumulative sum.
+    x: jax.Array  # (b, h, c, s, P)
+    B: jax.Array  # (b, g, c, s, N)
+    C: jax.Array  # (b, g, c, s, N)
+    dt: jax.Array  # (b, h, c, s) float32
+    a_cum: jax.Array  # (b, h, c, s) cumulative log-decay in the chunk
+    to_end: jax.Array  # (b, h, c, s) exp(a_last - a_cum) dt: weight of each step in the chunk's end state
+
+
+def operands(x, dt, A, B, C, d: Dims) -> Operands:
+    """x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n) -> chunked, padded operands.
+
+    The cumulative sum stays in XLA: Mosaic cannot lower it.
     """
     dth = rearrange(pad_axis(dt.astype(F32), 1, d.nc * d.cs), "b (c s) h -> b h c s", s=d.cs)
-    return dth, jnp.cumsum(dth * A.astype(F32)[None, :, None, None], axis=-1)
+    a_cum = jnp.cumsum(dth * A.astype(F32)[None, :, None, None], axis=-1)
+    to_end = jnp.exp(a_cum[..., -1:] - a_cum) * dth
+    return Operands(heads_to_chunks(x, d), groups_to_chunks(B, d), groups_to_chunks(C, d), dth, a_cum, to_end)
 
 
 def col(v):
