@@ -224,3 +224,36 @@ def test_dispatch_rejects_unknown_impl(bad):
     x, dt, A, B, C, _ = make_inputs(9, b=1, l=4, g=1)
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
         ssd(x, dt, A, B, C, chunk_size=4, impl=bad)
+
+
+def _bad(name, args):
+    x, dt, A, B, C, s0 = args
+    bad = {
+        "x": lambda: (x[0], dt, A, B, C, s0),
+        "dt": lambda: (x, dt[:, :-1], A, B, C, s0),
+        "A": lambda: (x, dt, A[:-1], B, C, s0),
+        "B": lambda: (x, dt, A, B[:, :-1], C, s0),
+        "C": lambda: (x, dt, A, B, C[..., :-1], s0),
+        "initial_state": lambda: (x, dt, A, B, C, s0[..., :-1]),
+        "groups": lambda: (x, dt, A, B[:, :, :1].repeat(3, 2), C[:, :, :1].repeat(3, 2), s0),
+    }
+    return bad[name]()
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sequential", "pallas"])
+@pytest.mark.parametrize("name,match", [
+    ("x", "SSD input x"), ("dt", "SSD input dt"), ("A", "SSD input A"), ("B", "SSD input B"),
+    ("C", "SSD input C"), ("initial_state", "SSD input initial_state"), ("groups", "3 groups do not divide 4 heads"),
+])
+def test_bad_shapes_name_the_tensor(impl, name, match):
+    x, dt, A, B, C, s0 = _bad(name, make_inputs(0, with_state=True))
+    with pytest.raises(ValueError, match=match):
+        ssd(x, dt, A, B, C, chunk_size=8, initial_state=s0, impl=impl)
+
+
+def test_bad_chunk_size_is_named():
+    x, dt, A, B, C, _ = make_inputs(0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(x, dt, A, B, C, chunk_size=0, impl="chunked")
+    y, _ = ssd(x, dt, A, B, C, chunk_size=np.int64(8), impl="chunked")  # numpy ints are fine
+    assert y.shape == x.shape

@@ -30,6 +30,7 @@ from hybridvlm.kernels.ssd_backward import ssd_backward
 from hybridvlm.kernels.ssd_forward import ssd_forward
 from hybridvlm.kernels.ssd_layout import GPU_PLAN, TPU_PLAN, TilePlan, plan_for_backend
 from hybridvlm.ssd.chunked import ssd_chunked
+from hybridvlm.ssd.shapes import check_inputs
 
 __all__ = ["ssd_pallas", "TilePlan", "TPU_PLAN", "GPU_PLAN", "plan_for_backend", "BACKWARDS"]
 
@@ -75,6 +76,7 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, initial_state=None, interpret=None
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward: unknown implementation {backward!r}; use one of {BACKWARDS}")
+    check_inputs(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend == "cpu"

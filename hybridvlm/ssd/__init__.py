@@ -17,6 +17,7 @@ import jax
 
 from hybridvlm.ssd.chunked import ssd_chunked
 from hybridvlm.ssd.reference import ssd_sequential, ssd_step
+from hybridvlm.ssd.shapes import check_inputs
 
 __all__ = ["ssd", "ssd_chunked", "ssd_sequential", "ssd_step", "resolve_impl", "IMPLS"]
 
@@ -44,6 +45,7 @@ def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto"):
       y (b, l, h, p) float32 and final state (b, h, p, n) float32.
     """
     impl = resolve_impl(impl)
+    check_inputs(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
     if impl == "sequential":
         return ssd_sequential(x, dt, A, B, C, initial_state=initial_state)
     if impl == "pallas":
