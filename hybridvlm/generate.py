@@ -94,7 +94,8 @@ def generate(
     """Generates up to `max_new_tokens` tokens after each (left-padded) prompt.
 
     Args:
-      model: a `NemotronHForCausalLM` or `NemotronHVLModel`.
+      model: a `NemotronHForCausalLM` or `NemotronHVLModel` (anything with
+        `text_config`, `check_inputs`, `prefill` and `decode`).
       input_ids: (b, t) int prompt ids, left-padded to a common length.
       attention_mask: (b, t), 1 on tokens, 0 on padding; None = all ones.
       max_new_tokens: number of decoding steps (static).
@@ -107,21 +108,17 @@ def generate(
       reduction: optional static ReductionPlan applied in the prefill; the
         cache then holds, per attention layer, only the tokens that reached
         it, and Mamba layers carry their state (decoding is unchanged).
-      **inputs: further model inputs passed to `model.prefill` (e.g.
-        `pixel_values_videos` for the VLM); checked by `model.check_inputs`
-        when the model has it, before anything is compiled.
+      **inputs: further model inputs passed to `model.prefill` and
+        `model.check_inputs` (e.g. `visual_mask` for the LM,
+        `pixel_values_videos` for the VLM).
     Returns:
       (b, max_new_tokens) int32: the new tokens only.
     """
     cfg = model.text_config
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -129,15 +126,9 @@ def generate(
     stop = tuple(cfg.eos_token_id if stop_tokens is None else (int(s) for s in stop_tokens))
     pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    if hasattr(model, "check_inputs"):
-        model.check_inputs(input_ids, **inputs)
-    if reduction is not None:
-        from hybridvlm.lm import check_reduction, visual_counts
-
-        if hasattr(model, "check_reduction"):
-            model.check_reduction(input_ids, reduction, **inputs)
-        else:
-            check_reduction(reduction, cfg.num_layers, visual_counts(reduction, inputs.get("visual_mask")))
+    # Concrete inputs: shapes, visual slots per row and the plan are checked
+    # here, before anything is compiled.
+    model.check_inputs(input_ids, attention_mask, reduction=reduction, **inputs)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, input_ids, attention_mask, inputs,

@@ -20,11 +20,14 @@ from flax import nnx
 
 from hybridvlm.cache import Cache, KVCache, Layout
 from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
+from hybridvlm.generate import generate
 from hybridvlm.layers.attention import Attention
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.mamba2 import Mamba2Mixer
 from hybridvlm.layers.mlp import MLP as MLPMixer
 from hybridvlm.layers.norm import RMSNorm
+from reduction import prune as rp
+from reduction import scores as rs
 
 
 class Block(nnx.Module):
@@ -86,7 +89,9 @@ class NemotronHForCausalLM(nnx.Module):
         Args:
           h: (b, t, d); layout: its Layout; caches: None or one entry per layer.
           reduction: None or a static `reduction.plan.ReductionPlan`.
-          visual: (b, t) bool visual-token mask (needed with `reduction`).
+          visual: (b, t) bool visual slots (needed with `reduction`): real
+            visual tokens, and masked ones (layout.valid False) where a row's
+            video is shorter than the batch's frame bucket.
         Returns:
           h (b, t', d) for the t' surviving tokens, and the new caches.
         """
@@ -95,23 +100,24 @@ class NemotronHForCausalLM(nnx.Module):
         new = []
         for i, layer in enumerate(self.layers):
             if i in stages:  # even keep-all stages run, so the path is exercised
-                h, layout, visual = self._reduce(i, h, layout, visual, reduction, num_visual, stages[i])
+                order = self._stage_order(i, h, layout, visual, reduction, num_visual, stages[i])
+                h = jnp.take_along_axis(h, order[..., None], axis=1)
+                layout, visual = layout.take(order), jnp.take_along_axis(visual, order, axis=1)
                 num_visual = stages[i]
             h, c = layer(h, layout, None if caches is None else caches[i])
             new.append(c)
         return h, (None if caches is None else tuple(new))
 
-    def _reduce(self, i, h, layout, visual, plan, num_visual: int, keep: int):
-        """Keeps `keep` of the `num_visual` visual tokens of each row before layer i."""
-        from reduction.prune import prune, select_visual  # reduction builds on the model, not vice versa
-
+    def _stage_order(self, i, h, layout, visual, plan, num_visual: int, keep: int):
+        """(b, t') indices of the tokens kept before layer i: `keep` of the
+        `num_visual` visual slots of each row (see `reduction.prune`)."""
         scores, key = None, None
         if plan.selector == "score":
             scores = self.visual_scores(i, h, layout, visual, plan.scorer)
         elif plan.selector == "random":
             key = jax.random.fold_in(jax.random.key(plan.seed), i)
-        kept = select_visual(scores, visual, keep, num_visual=num_visual, selector=plan.selector, key=key)
-        return prune(h, layout, visual, kept, num_dropped=num_visual - keep)
+        return rp.stage_order(scores, visual, layout.valid, keep, num_visual=num_visual, selector=plan.selector,
+                              key=key)
 
     def scoring_layer(self, i: int) -> int:
         """The layer whose projections score tokens before layer i: i itself, or,
@@ -131,12 +137,12 @@ class NemotronHForCausalLM(nnx.Module):
         The query is the text after the last visual token of each row (the
         question follows the video). Attention layers: softmax attention of
         the query rows; Mamba layers: the implicit-attention proxy C_q . B_j.
+        Masked visual slots (layout.valid False) get no score.
         """
-        from reduction import scores as rs
-
         j = self.scoring_layer(i)
         layer = self.layers[j]
         x = layer.norm(h)
+        visual = visual & layout.valid  # masked slots are never scored
         last_visual = jnp.max(jnp.where(visual, layout.index, -1), axis=1, keepdims=True)
         query = layout.valid & (layout.index > last_visual)
         # Query rows are read from a static window at the end of the sequence.
@@ -149,28 +155,80 @@ class NemotronHForCausalLM(nnx.Module):
         return rs.mamba_scores(p["C"], p["B"], p["dt"], p["A"], num_query=num_query, query_mask=query,
                                visual_mask=visual, key_valid=layout.valid, cfg=score_cfg)
 
+    def layerwise_visual_scores(self, h, layout: Layout, visual, score_cfg, *, num_visual: int):
+        """Visual-token scores entering every layer of an unpruned forward pass.
+
+        Args:
+          h: (b, t, d) input embeddings (text + scattered visual tokens).
+          layout: `Layout` of the prompt (`Layout.prompt(attention_mask)`).
+          visual: (b, t) bool visual-token mask with `num_visual` True per row.
+          score_cfg: `reduction.scores.ScoreConfig`.
+          num_visual: static V.
+        Returns:
+          (num_layers, b, V) float32: [i, r] holds the scores of row r's visual
+          tokens (in sequence order) on the hidden states entering layer i (an
+          MLP layer is scored with the next mixer's projections).
+        """
+        if num_visual < 1:
+            raise ValueError("layerwise_visual_scores needs at least one visual token per row")
+        # Visual positions first (stable: in sequence order), then the rest.
+        order = jnp.argsort(~visual, axis=1, stable=True)[:, :num_visual]  # (b, V)
+        out = []
+        for i, layer in enumerate(self.layers):
+            s = self.visual_scores(i, h, layout, visual, score_cfg)  # (b, t)
+            out.append(jnp.take_along_axis(s, order, axis=1).astype(jnp.float32))
+            h, _ = layer(h, layout)
+        return jnp.stack(out)
+
     # ----------------------------------------------------------------- modes
     def __call__(self, input_ids, *, attention_mask=None, inputs_embeds=None, reduction=None, visual_mask=None):
         """Full-sequence forward.
 
         Args:
           input_ids: (b, t) int token ids (left padding allowed).
-          attention_mask: (b, t) 1 for tokens, 0 for padding; None = all ones.
+          attention_mask: (b, t) 1 for tokens, 0 for padding and masked visual
+            slots; None = all ones.
           inputs_embeds: optional (b, t, d) embeddings used instead of
             embedding input_ids (the VLM passes text + visual embeddings).
           reduction: optional static ReductionPlan (prunes visual tokens).
-          visual_mask: (b, t) bool visual tokens, required with `reduction`;
-            every row must have `reduction.num_visual` of them.
+          visual_mask: (b, t) bool visual slots, required with `reduction`:
+            every row holds `reduction.num_visual` of them, real or masked
+            (attention_mask 0: a video shorter than the batch's frame bucket).
         Returns:
           logits (b, t', vocab) float32; t' = t minus the pruned tokens (the
           survivors keep their order, so [:, -1] is still the last token).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
+        self.check_inputs(input_ids, attention_mask, reduction=reduction, visual_mask=visual_mask,
+                          inputs_embeds=inputs_embeds)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        check_reduction(reduction, self.num_layers, visual_counts(reduction, visual_mask))
         h, _ = self.run_layers(h, Layout.prompt(attention_mask), reduction=reduction, visual=visual_mask)
         return self.logits(h)
+
+    def check_inputs(self, input_ids, attention_mask=None, *, reduction=None, visual_mask=None, inputs_embeds=None):
+        """Refuses bad inputs before anything is traced or run.
+
+        Shapes are always checked, and a plan against the layout
+        (`ReductionPlan.check_fits`); the visual slots of each row only when
+        `visual_mask` is concrete (under jit the caller's batching guarantees
+        them: `hybridvlm.batch` pads every row to the frame bucket).
+        """
+        shape = tuple(input_ids.shape)
+        if len(shape) != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {shape}")
+        for name, a in (("attention_mask", attention_mask), ("visual_mask", visual_mask)):
+            if a is not None and tuple(a.shape) != shape:
+                raise ValueError(f"{name} shape {tuple(a.shape)} != input_ids shape {shape}")
+        if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != shape:
+            raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} does not start with input_ids "
+                             f"shape {shape}")
+        if reduction is None:
+            return
+        if visual_mask is None:
+            raise ValueError("reduction= needs visual_mask (b, t): which tokens are visual slots")
+        slots = None if isinstance(visual_mask, jax.core.Tracer) else np.asarray(visual_mask).sum(axis=1)
+        reduction.check_fits(num_layers=self.num_layers, seq_len=shape[1], visual_slots=slots)
 
     @property
     def num_layers(self) -> int:
@@ -211,7 +269,8 @@ class NemotronHForCausalLM(nnx.Module):
         b, t = input_ids.shape
         if cache_size < t:
             raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {t}")
-        check_reduction(reduction, self.num_layers, visual_counts(reduction, visual_mask))
+        self.check_inputs(input_ids, attention_mask, reduction=reduction, visual_mask=visual_mask,
+                          inputs_embeds=inputs_embeds)
         layout = Layout.prompt(attention_mask)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         sizes = cache_size
@@ -248,32 +307,4 @@ class NemotronHForCausalLM(nnx.Module):
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Autoregressive generation; see `hybridvlm.generate.generate`."""
-        from hybridvlm.generate import generate
-
         return generate(self, input_ids, attention_mask, **kwargs)
-
-
-def check_reduction(reduction, num_layers: int, visual_counts=None) -> None:
-    """Static checks of a plan: its depth, and the visual tokens per row when known.
-
-    visual_counts: per-row visual-token counts of concrete inputs, or None
-    (traced inputs: nothing to check).
-    """
-    if reduction is None:
-        return
-    if reduction.num_layers != num_layers:
-        raise ValueError(f"reduction plan is for {reduction.num_layers} layers, the model has {num_layers}")
-    if visual_counts is not None:
-        counts = {int(c) for c in visual_counts}
-        if counts != {reduction.num_visual}:
-            raise ValueError(f"reduction plan expects {reduction.num_visual} visual tokens per row, "
-                             f"the input has {sorted(counts)}")
-
-
-def visual_counts(reduction, visual_mask):
-    """Per-row counts of a concrete visual mask (None when traced); the mask is required with a plan."""
-    if reduction is None:
-        return None
-    if visual_mask is None:
-        raise ValueError("reduction= needs visual_mask (b, t): which tokens are visual")
-    return None if isinstance(visual_mask, jax.core.Tracer) else np.asarray(visual_mask).sum(axis=1)

@@ -19,10 +19,13 @@ from einops import rearrange
 from flax import nnx
 
 from hybridvlm.config import ConfigError, LMConfig
+from hybridvlm.generate import generate
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.norm import RMSNorm
 from hybridvlm.lm import NemotronHForCausalLM
 from hybridvlm.radio import LayerNorm, RadioConfig, RadioVisionModel
+from reduction.evs import evs_keep_count, evs_retention_mask
+from reduction.prune import compaction_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +185,36 @@ class NemotronHVLModel(nnx.Module):
         tokens = self.projector(rearrange(merged, "n a b d -> (n a b) d"))
         return tokens.astype(self.dtype)
 
-    def check_inputs(self, input_ids, pixel_values_videos=None, pixel_values=None):
-        """Eager check of the visual inputs against the placeholders.
+    def visual_slots(self, batch: int, pixel_values_videos=None, pixel_values=None) -> int:
+        """Visual slots per row entering the LM (after EVS), from the pixel shapes alone.
 
-        Shapes are always checked; the placeholder count only when input_ids
-        is concrete (not under tracing).
+        Every row holds the same number of videos (or images) of one frame
+        bucket; the tubelets of a shorter video are padding, their
+        placeholders masked (attention_mask 0).
+        """
+        if pixel_values_videos is not None:
+            v, tubelets, _, H, W = pixel_values_videos.shape
+            per_tubelet = self.config.tokens_per_tubelet(H, W)
+            if v % batch:
+                raise ValueError(f"pixel_values_videos holds {v} videos for {batch} rows: every row needs the "
+                                 "same number of videos (pad shorter videos to the frame bucket)")
+            rate = self.config.video_pruning_rate
+            kept = evs_keep_count(tubelets, per_tubelet, rate) if rate > 0 else tubelets * per_tubelet
+            return v // batch * kept
+        if pixel_values is not None:
+            n, _, H, W = pixel_values.shape
+            if n % batch:
+                raise ValueError(f"pixel_values holds {n} images for {batch} rows: every row needs the same number")
+            return n // batch * self.config.tokens_per_tubelet(H, W)
+        return 0
+
+    def check_inputs(self, input_ids, attention_mask=None, *, reduction=None, pixel_values_videos=None,
+                     pixel_values=None):
+        """Refuses bad inputs before anything is traced or run.
+
+        Shapes are always checked, and a plan against the visual slots the
+        pixel shapes give each row (`ReductionPlan.check_fits`); placeholder
+        counts only when input_ids is concrete (not under tracing).
         """
         if pixel_values_videos is not None and pixel_values is not None:
             raise ValueError("pass either pixel_values_videos or pixel_values, not both: both fill the same "
@@ -203,23 +231,45 @@ class NemotronHVLModel(nnx.Module):
                 raise ValueError(f"pixel_values must be (images, 3, H, W), got shape {pixel_values.shape}")
             n, _, H, W = pixel_values.shape
             n_visual, source = n * self.config.tokens_per_tubelet(H, W), "pixel_values"
-        if isinstance(input_ids, jax.core.Tracer):
+        self.language_model.check_inputs(input_ids, attention_mask)
+        b, t = input_ids.shape
+        concrete = not isinstance(input_ids, jax.core.Tracer)
+        if concrete:
+            n_placeholders = int(np.sum(np.asarray(input_ids) == self.config.image_token_id))
+            if n_placeholders != n_visual:
+                raise ValueError(
+                    f"input_ids has {n_placeholders} visual placeholder tokens (id {self.config.image_token_id}) "
+                    f"but {source} gives {n_visual} visual tokens"
+                )
+        if reduction is None:
             return
-        n_placeholders = int(np.sum(np.asarray(input_ids) == self.config.image_token_id))
-        if n_placeholders != n_visual:
-            raise ValueError(
-                f"input_ids has {n_placeholders} visual placeholder tokens (id {self.config.image_token_id}) "
-                f"but {source} gives {n_visual} visual tokens"
-            )
+        slots = self.visual_slots(b, pixel_values_videos, pixel_values)
+        if slots == 0:
+            raise ValueError("reduction= needs visual input (pixel_values_videos or pixel_values)")
+        seq_len = t - (n_visual // b - slots)  # EVS shortens every row by the same count
+        reduction.check_fits(num_layers=self.text_config.num_layers, seq_len=seq_len, visual_slots=slots)
+        if concrete:  # each row must hold its share of the placeholders
+            per_row = (np.asarray(input_ids) == self.config.image_token_id).sum(axis=1)
+            bad = np.flatnonzero(per_row != n_visual // b)
+            if bad.size:
+                raise ValueError(f"with reduction=, every row needs {n_visual // b} visual placeholders (real or "
+                                 f"masked); row {int(bad[0])} has {int(per_row[bad[0]])}")
 
-    def embed(self, input_ids, pixel_values_videos=None, pixel_values=None):
+    def embed(self, input_ids, pixel_values_videos=None, pixel_values=None, attention_mask=None):
         """Text embeddings with the visual tokens scattered onto the placeholders.
 
-        input_ids: (b, t); placeholders are filled in row-major order by the
-        video tubelets' (or the images') tokens.
+        input_ids: (b, t); placeholders are filled row by row: a row's real
+        placeholders (attention_mask 1) in order by its first tubelets' (or
+        images') tokens, then its masked ones (a video shorter than the
+        frame bucket) by the padding tubelets.
         Returns (b, t, d_lm).
         """
-        self.check_inputs(input_ids, pixel_values_videos, pixel_values)
+        self.check_inputs(input_ids, attention_mask, pixel_values_videos=pixel_values_videos,
+                          pixel_values=pixel_values)
+        return self._embed(input_ids, pixel_values_videos, pixel_values, attention_mask)
+
+    def _embed(self, input_ids, pixel_values_videos, pixel_values, attention_mask):
+        """`embed` without the checks (its callers have made them)."""
         h = self.language_model.embed_tokens(input_ids)
         if pixel_values_videos is not None:
             visual = self.video_embeddings(pixel_values_videos)  # (n, d)
@@ -227,45 +277,58 @@ class NemotronHVLModel(nnx.Module):
             visual = self.image_embeddings(pixel_values)
         else:
             return h
-        return jnp.where(self._is_visual(input_ids)[..., None], jnp.take(visual, self._slots(input_ids), axis=0), h)
+        slots = self._slots(input_ids, attention_mask)
+        return jnp.where(self._is_visual(input_ids)[..., None], jnp.take(visual, slots, axis=0), h)
 
     def _is_visual(self, input_ids):
         return input_ids == self.config.image_token_id
 
-    def _slots(self, input_ids):
-        """(b, t) index of each placeholder among all placeholders, row-major (0 elsewhere)."""
-        is_visual = self._is_visual(input_ids)
-        slot = jnp.cumsum(is_visual.reshape(-1)).reshape(is_visual.shape) - 1
-        return jnp.clip(slot, 0, None)
+    def _slots(self, input_ids, attention_mask=None):
+        """(b, t) index of each placeholder's visual token (0 elsewhere).
+
+        Rows in order; within a row its real placeholders first, then its
+        masked ones, each in sequence order. With no masked placeholder this
+        is their row-major order.
+        """
+        vis = self._is_visual(input_ids)
+        real = vis if attention_mask is None else vis & attention_mask.astype(bool)
+        masked = vis & ~real
+        per_row = jnp.sum(vis, axis=1, dtype=jnp.int32)
+        offset = jnp.cumsum(per_row) - per_row  # exclusive: placeholders of the rows before
+        n_real = jnp.sum(real, axis=1, dtype=jnp.int32)
+        rank = jnp.where(real, jnp.cumsum(real, axis=1) - 1, n_real[:, None] + jnp.cumsum(masked, axis=1) - 1)
+        return jnp.where(vis, offset[:, None] + rank, 0).astype(jnp.int32)
 
     def prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None):
         """Embeds the prompt and applies EVS (if `video_pruning_rate` > 0).
 
         EVS drops, per video, the tokens least changed since the previous
         tubelet (the reference's `compute_retention_mask`), before the LM;
-        the kept tokens keep their order. Every row must hold the same number
-        of videos, so the new length is static.
+        the kept tokens keep their order. Every row holds the same number of
+        videos of one frame bucket, so the new length is static; a video
+        shorter than the bucket loses its padding tubelets first and keeps
+        as many real tokens as it would alone.
         Returns:
           input_ids, attention_mask (b, t') and embeddings (b, t', d).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        h = self.embed(input_ids, pixel_values_videos, pixel_values)
+        h = self._embed(input_ids, pixel_values_videos, pixel_values, attention_mask)
         rate = self.config.video_pruning_rate
         if pixel_values_videos is None or rate == 0.0:
             return input_ids, attention_mask, h
-        from reduction.evs import evs_keep_count, evs_retention_mask
-        from reduction.prune import compaction_order
-
         v, tubelets, _, H, W = pixel_values_videos.shape
         b = input_ids.shape[0]
-        if v % b:
-            raise ValueError(f"EVS needs the same number of videos in every row: {v} videos for {b} rows")
-        per_video = tubelets * self.config.tokens_per_tubelet(H, W)
-        embeds = self.video_embeddings(pixel_values_videos).reshape(v, tubelets, per_video // tubelets, -1)
-        retained = jax.vmap(lambda e: evs_retention_mask(e, rate))(embeds).reshape(-1)  # (v * per_video,)
-        keep = ~self._is_visual(input_ids) | jnp.take(retained, self._slots(input_ids))
-        drop = (v // b) * (per_video - evs_keep_count(tubelets, per_video // tubelets, rate))
+        per_tubelet = self.config.tokens_per_tubelet(H, W)
+        embeds = self.video_embeddings(pixel_values_videos).reshape(v, tubelets, per_tubelet, -1)
+        is_visual, slots = self._is_visual(input_ids), self._slots(input_ids, attention_mask)
+        # Which tubelets are real: a slot filled by a real (unmasked) placeholder.
+        real_slot = jnp.zeros((v * tubelets * per_tubelet,), bool).at[
+            jnp.where(is_visual & attention_mask.astype(bool), slots, -1).reshape(-1)].set(True, mode="drop")
+        real_tubelets = real_slot.reshape(v, tubelets, per_tubelet).any(axis=-1).sum(axis=1)  # (v,)
+        retained = jax.vmap(lambda e, n: evs_retention_mask(e, rate, num_real=n))(embeds, real_tubelets)
+        keep = ~is_visual | jnp.take(retained.reshape(-1), slots)
+        drop = (v // b) * (tubelets * per_tubelet - evs_keep_count(tubelets, per_tubelet, rate))
         order = compaction_order(keep, input_ids.shape[1] - drop)
         take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
         return take(input_ids), take(attention_mask), take(h)
@@ -276,36 +339,27 @@ class NemotronHVLModel(nnx.Module):
         """logits (b, t', vocab) float32 for a prompt with an optional video
         (videos, tubelets, 2*3, H, W) or images (images, 3, H, W).
 
-        reduction: optional static ReductionPlan; the visual tokens are the
+        attention_mask: (b, t), 0 on padding and on the masked placeholders of
+        a video shorter than the batch's frame bucket (see `hybridvlm.batch`).
+        reduction: optional static ReductionPlan; the visual slots are the
         placeholder positions (after EVS, when `video_pruning_rate` > 0, so
         `reduction.num_visual` counts the tokens EVS keeps), and t' = t minus
         the tokens EVS and the plan prune.
         """
+        self.check_inputs(input_ids, attention_mask, reduction=reduction, pixel_values_videos=pixel_values_videos,
+                          pixel_values=pixel_values)
         ids, mask, h = self.prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
         return self.language_model(ids, attention_mask=mask, inputs_embeds=h, reduction=reduction,
                                    visual_mask=self.visual_mask(ids, reduction))
 
-    def check_reduction(self, input_ids, reduction, pixel_values_videos=None, pixel_values=None):
-        """Eager check that a plan fits this prompt: its layers, and its
-        visual-token count per row (after EVS when enabled)."""
-        from hybridvlm.lm import check_reduction
-
-        counts = (np.asarray(input_ids) == self.config.image_token_id).sum(axis=1)
-        if pixel_values_videos is not None and self.config.video_pruning_rate > 0:
-            from reduction.evs import evs_keep_count
-
-            v, tubelets, _, H, W = pixel_values_videos.shape
-            per_tubelet = self.config.tokens_per_tubelet(H, W)
-            kept = (v // len(counts)) * evs_keep_count(tubelets, per_tubelet, self.config.video_pruning_rate)
-            counts = np.full_like(counts, kept)
-        check_reduction(reduction, self.text_config.num_layers, counts)
-
     def visual_mask(self, input_ids, reduction):
-        """(b, t) placeholder positions when a plan needs them, else None."""
-        return None if reduction is None else input_ids == self.config.image_token_id
+        """(b, t) placeholder positions (the visual slots) when a plan needs them, else None."""
+        return None if reduction is None else self._is_visual(input_ids)
 
     def prefill(self, input_ids, attention_mask, cache_size: int, *, pixel_values_videos=None, pixel_values=None,
                 reduction=None):
+        self.check_inputs(input_ids, attention_mask, reduction=reduction, pixel_values_videos=pixel_values_videos,
+                          pixel_values=pixel_values)
         ids, mask, h = self.prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
         return self.language_model.prefill(ids, mask, cache_size, inputs_embeds=h,
                                            reduction=reduction, visual_mask=self.visual_mask(ids, reduction))
@@ -316,6 +370,4 @@ class NemotronHVLModel(nnx.Module):
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Autoregressive answer; kwargs as `hybridvlm.generate.generate`,
         plus `pixel_values_videos` or `pixel_values`, and `reduction`."""
-        from hybridvlm.generate import generate
-
         return generate(self, input_ids, attention_mask, **kwargs)

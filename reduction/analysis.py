@@ -7,10 +7,10 @@
                        Spearman rank correlation (`spearman`) and top-25% overlap
                        (`topk_overlap`) between the scores of every pair of layers.
 
-`layerwise_scores` runs the LM without pruning and records the scores of the
-visual tokens entering every layer (`NemotronHForCausalLM.visual_scores`: an
-MLP layer is scored with the next mixer's projections). It is jit-friendly; the
-statistics below are numpy post-processing of its (num_layers, b, V) output.
+The model records the scores (`NemotronHForCausalLM.layerwise_visual_scores`:
+the visual tokens entering every layer of an unpruned forward, jit-friendly);
+this module is numpy post-processing of its (num_layers, b, V) output and
+never imports the model.
 
 Conventions:
   * statistics run over the last axis (visual tokens); leading axes broadcast;
@@ -27,49 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
+import warnings
+
 import numpy as np
 
 KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
-
-
-# ----------------------------------------------------------------------------- recording
-
-
-def layerwise_scores(lm, h, layout, visual, score_cfg, *, num_visual: int | None = None):
-    """Visual-token scores entering every layer of an unpruned forward pass.
-
-    Args:
-      lm: a `NemotronHForCausalLM` (the VLM's `.language_model`).
-      h: (b, t, d) input embeddings (text + scattered visual tokens).
-      layout: `Layout` of the prompt (`Layout.prompt(attention_mask)`).
-      visual: (b, t) bool visual-token mask; every row has the same number V.
-      score_cfg: `reduction.scores.ScoreConfig`.
-      num_visual: static V. Required under jit (the mask is traced); when
-        None it is read from the concrete mask.
-    Returns:
-      (num_layers, b, V) float32: row [i, r] holds the scores of row r's visual
-      tokens (in sequence order) computed on the hidden states entering layer i.
-    """
-    visual = jnp.asarray(visual).astype(bool)
-    if num_visual is None:
-        if isinstance(visual, jax.core.Tracer):
-            raise ValueError("layerwise_scores under jit needs a static num_visual=")
-        counts = set(np.asarray(visual).sum(axis=1).tolist())
-        if len(counts) != 1:
-            raise ValueError(f"every row needs the same number of visual tokens, got {sorted(counts)}")
-        num_visual = counts.pop()
-    if num_visual < 1:
-        raise ValueError("layerwise_scores needs at least one visual token per row")
-    # Visual positions first (stable: in sequence order), then the rest.
-    order = jnp.argsort(~visual, axis=1, stable=True)[:, :num_visual]  # (b, V)
-    out = []
-    for i, layer in enumerate(lm.layers):
-        s = lm.visual_scores(i, h, layout, visual, score_cfg)  # (b, t)
-        out.append(jnp.take_along_axis(s, order, axis=1).astype(jnp.float32))
-        h, _ = layer(h, layout)
-    return jnp.stack(out)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -200,8 +162,6 @@ class _quiet:
     """Silences numpy's 'mean of empty slice' warning (all-NaN columns stay NaN)."""
 
     def __enter__(self):
-        import warnings
-
         self._w = warnings.catch_warnings()
         self._w.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)

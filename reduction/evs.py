@@ -68,15 +68,34 @@ def evs_keep_indices(embeds, rate: float):
     return jnp.sort(idx).astype(jnp.int32)
 
 
-def evs_retention_mask(embeds, rate: float):
+def evs_retention_mask(embeds, rate: float, *, num_real=None):
     """The EVS retention mask of one video.
 
     Args:
       embeds: (tubelets, tokens_per_tubelet, d).
       rate: static pruning rate in [0, 1].
+      num_real: optional () int, traced allowed: only the first `num_real`
+        tubelets are real, the rest pad the video to its frame bucket. The
+        real tokens kept are then exactly those the real tubelets alone
+        would keep (`evs_keep_count(num_real, ...)` of them, same rule);
+        the static total is filled with padding tokens first, and only when
+        those run out with the next real tokens by score.
     Returns:
       (tubelets * tokens_per_tubelet,) bool, True for kept tokens; exactly
-      `evs_keep_count(...)` entries are True.
+      `evs_keep_count(tubelets, ...)` entries are True.
     """
     t, p = embeds.shape[:2]
-    return jnp.zeros((t * p,), bool).at[evs_keep_indices(embeds, rate)].set(True)
+    if num_real is None:
+        return jnp.zeros((t * p,), bool).at[evs_keep_indices(embeds, rate)].set(True)
+    k = evs_keep_count(t, p, rate)
+    real = jnp.repeat(jnp.arange(t) < num_real, p)  # (t * p,)
+    scores = jnp.where(real, evs_scores(embeds), -jnp.inf)
+    # Rank of each token in the reference's stable descending order.
+    rank = jnp.zeros((t * p,), jnp.int32).at[jnp.argsort(-scores, stable=True)].set(jnp.arange(t * p, dtype=jnp.int32))
+    # Keep counts of every possible real length, computed as the reference does (Python floats).
+    table = jnp.asarray([0] + [evs_keep_count(n, p, rate) for n in range(1, t + 1)], jnp.int32)
+    retained = real & (rank < table[num_real])
+    # Static total: retained, then padding tokens, then the next real ones (earlier rank first).
+    priority = jnp.where(retained, 2.0 * t * p, jnp.where(real, -rank.astype(jnp.float32), t * p))
+    _, idx = jax.lax.top_k(priority, k)
+    return jnp.zeros((t * p,), bool).at[idx].set(True)

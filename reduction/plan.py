@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reduction.prune import SELECTORS
 from reduction.scores import ScoreConfig
 
-SELECTORS = ("score", "uniform", "random")
 SHAPES = ("step", "linear", "sigmoid")
 
 
@@ -114,6 +114,42 @@ class ReductionPlan:
         budget = self.achieved_budget
         if not 0.0 < budget <= 1.0:  # Implied by the checks above; kept as the stated contract.
             raise PlanError(f"achieved budget {budget} is outside (0, 1]")
+
+    def check_fits(self, *, num_layers: int, seq_len: int, visual_slots=None) -> None:
+        """Refuses, before anything is traced, an input layout this plan cannot serve.
+
+        The one place that checks a plan against a model and its input (the
+        model's `check_inputs` calls it for every forward, prefill and generate).
+
+        Args:
+          num_layers: the LM's layers.
+          seq_len: static tokens per row entering the LM (after EVS).
+          visual_slots: visual slots per row: an int when the shapes fix it
+            (the VLM's pixels), per-row counts (b,) of a concrete visual mask,
+            or None when only traced values hold it.
+        Raises:
+          PlanError naming the plan's and the input's numbers.
+        """
+        if self.num_layers != num_layers:
+            raise PlanError(f"reduction plan is for {self.num_layers} layers, the model has {num_layers}")
+        if self.num_visual > seq_len:
+            raise PlanError(f"reduction plan expects {self.num_visual} visual tokens per row, but a row holds "
+                            f"only {seq_len} tokens")
+        if visual_slots is None:
+            return
+        if isinstance(visual_slots, numbers.Integral):
+            if visual_slots != self.num_visual:
+                raise PlanError(f"reduction plan expects {self.num_visual} visual tokens per row, the input's "
+                                f"shapes give {visual_slots} per row; build the plan for {visual_slots}")
+            return
+        counts = np.asarray(visual_slots).reshape(-1)
+        bad = np.flatnonzero(counts != self.num_visual)
+        if bad.size:
+            rows = ", ".join(f"row {r}: {int(counts[r])}" for r in bad[:4]) + (" ..." if bad.size > 4 else "")
+            raise PlanError(
+                f"reduction plan expects {self.num_visual} visual tokens per row (slots, real or masked), "
+                f"the input has {rows}; pad every row's video to the same frame bucket "
+                "(hybridvlm.batch.pad_video_batch) or build the plan for this count")
 
     def keep_at(self, layer: int) -> int:
         """Visual tokens present at (entering) `layer`."""
