@@ -5,6 +5,8 @@ for transformers 5 saves) are mapped onto the NNX parameter tree with a
 layout transform each (PyTorch `Linear` weights are (out, in); ours are
 einsum-ready (in, ..., out)). Every tensor's shape is checked against the
 config before it is used, and nothing is returned until all are loaded.
+A stored `lm_head.weight` is always the head, as in the reference (see
+`head_as_reference`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Prefixes under which checkpoints of this family store the LM.
 LM_PREFIXES = ("backbone.", "model.", "language_model.backbone.", "language_model.model.")
+HEAD = "lm_head.weight"
 
 
 class CheckpointError(ValueError):
@@ -110,8 +113,31 @@ def lm_rules(cfg: LMConfig, *, prefix: str, head_prefix: str, at: tuple = ()) ->
                 rules += [r(mp + ("up_bias",), mix + "up_proj.bias", (f,)),
                           r(mp + ("down_bias",), mix + "down_proj.bias", (d,))]
     if not cfg.tie_word_embeddings:
-        rules.append(rule(at + ("lm_head",), head_prefix + "lm_head.weight", (v, d), _t))
+        rules.append(rule(at + ("lm_head",), head_prefix + HEAD, (v, d), _t))
     return rules
+
+
+def head_as_reference(cfg: LMConfig, keys, head_prefix: str, directory: str) -> LMConfig:
+    """`cfg` with `tie_word_embeddings` saying whether a separate head is loaded.
+
+    transformers' NemotronHForCausalLM (5.24) never ties its head to the
+    embedding, whatever config.json's `tie_word_embeddings` says: its
+    `_tied_weights_keys` is empty and `save_pretrained` writes both tensors.
+    So a stored `lm_head.weight` is the head (untied), as there. A checkpoint
+    without one ties when its config says so (the reference would start
+    from a random head, which nothing can use); with
+    `tie_word_embeddings: false` a missing head is an error naming it.
+    Callers skip this when the user overrides `tie_word_embeddings`.
+    """
+    name = head_prefix + HEAD
+    if name in keys:
+        return cfg.replace(tie_word_embeddings=False)
+    if cfg.tie_word_embeddings:
+        return cfg
+    raise CheckpointError(
+        f"{directory}: tensor {name!r} is missing from the checkpoint and config.json has "
+        "tie_word_embeddings=false; pass tie_word_embeddings=True to use the embedding as the head."
+    )
 
 
 class SafetensorsSet:
@@ -237,10 +263,12 @@ def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausal
     """
     hf = read_hf_config(directory)
     cfg = LMConfig.from_hf(hf, source=os.path.join(directory, "config.json"))
-    cfg = cfg.replace(**overrides) if overrides else cfg
     dtype = jnp.dtype(dtype or hf_dtype(hf) or jnp.float32)
     weights = SafetensorsSet(directory)
     prefix, head_prefix = lm_prefixes(weights.keys())
+    if "tie_word_embeddings" not in overrides:
+        cfg = head_as_reference(cfg, weights.keys(), head_prefix, directory)
+    cfg = cfg.replace(**overrides) if overrides else cfg
     values = read_tensors(weights, lm_rules(cfg, prefix=prefix, head_prefix=head_prefix), dtype)
     return build_model(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), values, dtype)
 

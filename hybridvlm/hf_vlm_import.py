@@ -10,6 +10,7 @@ checkpoint has one, is not loaded: audio is not supported.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridvlm.hf_import import (
-    Source, SafetensorsSet, TensorRule, build_model, hf_dtype, lm_prefixes, lm_rules, read_hf_config,
-    read_tensors,
+    Source, SafetensorsSet, TensorRule, build_model, head_as_reference, hf_dtype, lm_prefixes, lm_rules,
+    read_hf_config, read_tensors,
 )
 from hybridvlm.radio import RadioConfig, RadioVisionModel
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
@@ -126,10 +127,13 @@ def load_hf_vlm(directory: str, *, dtype=None, **overrides) -> NemotronHVLModel:
         log.warning("%s: this checkpoint has an audio branch; audio is not supported by hybridvlm, "
                     "only its vision and text parts are loaded", source)
     cfg = VLMConfig.from_hf(hf, source)
-    cfg = cfg.replace(**overrides) if overrides else cfg
     dtype = jnp.dtype(dtype or hf_dtype(hf) or hf_dtype(hf.get("text_config") or {}) or jnp.float32)
     weights = SafetensorsSet(directory)
     prefix, head_prefix = lm_prefixes(weights.keys())
+    if "tie_word_embeddings" not in overrides:
+        # As the reference: a stored language_model.lm_head.weight is the head, tied flag or not.
+        cfg = dataclasses.replace(cfg, text=head_as_reference(cfg.text, weights.keys(), head_prefix, directory))
+    cfg = cfg.replace(**overrides) if overrides else cfg
     rules = (lm_rules(cfg.text, prefix=prefix, head_prefix=head_prefix, at=("language_model",))
              + radio_rules(cfg.vision, at=("vision",)) + projector_rules(cfg))
     # Audio branch (not supported) and buffers the model derives from config.

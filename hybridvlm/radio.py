@@ -11,12 +11,10 @@ GELU MLP or SwiGLU) -> summary tokens and spatial features.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -119,22 +117,14 @@ class RadioConfig:
         )
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) weights of 1-D bilinear resizing, half-pixel centres, no antialias.
+def resize_bilinear(table, side: int):
+    """(n, n, d) -> (side, side, d): torch `F.interpolate(mode="bilinear", align_corners=False)`.
 
-    Matches torch `F.interpolate(mode="bilinear", align_corners=False)`:
-    source coordinate (i + 0.5) * in / out - 0.5, clamped at the edges.
+    Half-pixel centres, edges clamped. `antialias=False` because torch's
+    bilinear does not antialias; JAX's default would widen the kernel when
+    shrinking the table (a different result for grids smaller than it).
     """
-    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-    src = np.clip(src, 0.0, None)
-    lo = np.minimum(np.floor(src).astype(int), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    w = np.zeros((out_size, in_size), np.float64)
-    np.add.at(w, (np.arange(out_size), lo), 1.0 - frac)
-    np.add.at(w, (np.arange(out_size), hi), frac)
-    return w.astype(np.float32)
+    return jax.image.resize(table, (side, side, table.shape[-1]), method="linear", antialias=False)
 
 
 def patchify(pixels, patch: int):
@@ -230,9 +220,8 @@ class RadioVisionModel(nnx.Module):
     def position_embeddings(self, rows: int, cols: int):
         """(rows * cols, d): the table resized to a square of max(rows, cols), then cropped."""
         side = max(rows, cols)
-        w = jnp.asarray(bilinear_matrix(side, self.cfg.table_side))
-        table = self.position_embedding[...].astype(jnp.float32)
-        pos = jnp.einsum("yi,xj,ijd->yxd", w[:rows], w[:cols], table)
+        table = self.position_embedding[...].astype(jnp.float32)  # (table_side, table_side, d)
+        pos = resize_bilinear(table, side)[:rows, :cols]
         return rearrange(pos, "y x d -> (y x) d").astype(self.dtype)
 
     def __call__(self, pixels):

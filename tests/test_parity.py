@@ -8,16 +8,22 @@ tests only read them.
 import json
 import math
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 import hybridvlm
+from hybridvlm import convert
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "nemotron_h")
-CASES = ("hybrid_g2", "tied_g1_sharded")
+# tied_flag_stored_head: config.json says tie_word_embeddings, yet the checkpoint
+# stores an lm_head that differs from the embedding; the reference uses it.
+CASES = ("hybrid_g2", "tied_g1_sharded", "tied_flag_stored_head")
+STORED_HEAD = "tied_flag_stored_head"
 TOL = 1e-4
 
 
@@ -122,3 +128,68 @@ def test_unclamped_time_step_override_matches_reference(case):
     mask = np.concatenate([e["attention_mask"], np.ones_like(e["greedy_tokens"])], axis=1)
     logits = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
     _assert_close_on_mask(logits, e["logits_full_dt_unclamped"], mask)
+
+
+# ----------------------------------------------------- tied / untied heads
+def test_stored_head_is_used_although_config_says_tied():
+    """transformers' NemotronHForCausalLM never ties: a stored lm_head.weight is the head."""
+    d = os.path.join(FIXTURES, STORED_HEAD)
+    assert json.load(open(os.path.join(d, "config.json")))["tie_word_embeddings"] is True
+    model = _load(STORED_HEAD)
+    head = load_file(os.path.join(d, "model.safetensors"))["lm_head.weight"]
+    assert not model.config.tie_word_embeddings and model.lm_head is not None
+    np.testing.assert_array_equal(np.asarray(model.lm_head[...]), head.T)
+    assert np.abs(head - np.asarray(model.embed[...])).max() > 0.1  # the fixture's head is its own
+
+
+def _without_head(tmp_path, case):
+    d = tmp_path / case
+    shutil.copytree(os.path.join(FIXTURES, case), d)
+    path = str(d / "model.safetensors")
+    tensors = load_file(path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    return str(d)
+
+
+def _set_tied(d, tied: bool):
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["tie_word_embeddings"] = tied
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_missing_untied_head_is_an_error_naming_it(tmp_path):
+    d = _without_head(tmp_path, STORED_HEAD)
+    _set_tied(d, False)
+    with pytest.raises(hybridvlm.CheckpointError, match=r"'lm_head\.weight' is missing.*tie_word_embeddings=True"):
+        hybridvlm.from_pretrained(d)
+
+
+def test_missing_head_ties_when_the_config_says_so(tmp_path):
+    # Only a checkpoint without a head tensor ties (config tie_word_embeddings: true),
+    # or any checkpoint when the caller asks for it explicitly.
+    d = _without_head(tmp_path, STORED_HEAD)
+    untied = _load(STORED_HEAD)
+    untied.lm_head.set_value(untied.embed[...].T)  # the stored-head model with the embedding as its head
+    ids, mask = jnp.asarray([[5, 6, 7, 8]]), jnp.ones((1, 4), jnp.int32)
+    want = np.asarray(_forward(untied, ids, mask))
+    tied = hybridvlm.from_pretrained(d)
+    assert tied.config.tie_word_embeddings and tied.lm_head is None
+    np.testing.assert_allclose(np.asarray(_forward(tied, ids, mask)), want, atol=1e-5, rtol=0)
+    _set_tied(d, False)
+    forced = hybridvlm.from_pretrained(d, tie_word_embeddings=True)
+    assert forced.lm_head is None
+    np.testing.assert_allclose(np.asarray(_forward(forced, ids, mask)), want, atol=1e-5, rtol=0)
+
+
+def test_stored_head_survives_convert(tmp_path):
+    out = str(tmp_path / "converted")
+    assert convert.main(["--hf", os.path.join(FIXTURES, STORED_HEAD), "--out", out]) == 0
+    e = _expected(STORED_HEAD)
+    model = hybridvlm.from_pretrained(out)
+    assert not model.config.tie_word_embeddings
+    logits = _forward(model, jnp.asarray(e["input_ids"]), jnp.asarray(e["attention_mask"]))
+    _assert_close_on_mask(logits, e["logits"], e["attention_mask"])

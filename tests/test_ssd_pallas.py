@@ -11,6 +11,7 @@ from flax import nnx
 
 import hybridvlm
 from hybridvlm.cache import Layout
+from hybridvlm.kernels.ssd_layout import round_to_bf16, truncate_to_tf32
 from hybridvlm.kernels.ssd_pallas import GPU_PLAN, TPU_PLAN, TilePlan, ssd_pallas
 from hybridvlm.layers.mamba2 import Mamba2Mixer
 from hybridvlm.ssd import resolve_impl, ssd_sequential
@@ -24,6 +25,19 @@ BF16_TOL = 2e-5
 GRAD_TOL = 1e-4
 # bfloat16 cotangents: rounding to 8 mantissa bits (2^-8 = 3.9e-3 relative).
 BF16_GRAD_TOL = 8e-3
+# Reduced-precision matmul passes (precision="default" on TPU / GPU), emulated on
+# CPU. u = largest relative error of one rounded operand: bf16 (8 significant
+# bits, to nearest) 2^-8; TF32 (11 significant bits, truncated: the worse of the
+# GPU roundings) 2^-10. An output goes through at most two chained dots that each
+# round both of their operands (C B^T, then that times x; x^T B w, then C S^T):
+# each of its products carries at most ~4u, so without cancellation the error is
+# within 4u of the output scale (measured: up to 1.0u for bf16, 1.6u for TF32,
+# whose truncation errors all lean one way). Gradients chain one dot more
+# (dy x^T, then with C or B) and dA is a global sum with cancellation: 8u
+# (measured: up to 2.1u).
+UNIT_ROUNDING = {"emulate_bf16": 2.0**-8, "emulate_tf32": 2.0**-10}
+EMULATED_TOL = {name: 4 * u for name, u in UNIT_ROUNDING.items()}
+EMULATED_GRAD_TOL = {name: 8 * u for name, u in UNIT_ROUNDING.items()}
 
 
 def _inputs(seed, b, l, h, p, g, n, *, init=True):
@@ -138,6 +152,65 @@ def test_bfloat16_gradients():
     assert got[0].dtype == jnp.bfloat16 and got[3].dtype == jnp.bfloat16
 
 
+# ------------------------------------------------------- matmul precision
+def test_operand_roundings():
+    v = jnp.asarray([1 + 2.0**-8 + 2.0**-12, 1 + 2.0**-9 + 2.0**-10 + 2.0**-20, -3.0], jnp.float32)
+    # bf16 keeps 7 stored mantissa bits, to nearest (ties to even); TF32 keeps 10, truncated.
+    np.testing.assert_array_equal(np.asarray(round_to_bf16(v)), [1 + 2.0**-7, 1.0, -3.0])
+    np.testing.assert_array_equal(np.asarray(truncate_to_tf32(v)), [1 + 2.0**-8, 1 + 2.0**-9 + 2.0**-10, -3.0])
+
+
+@pytest.mark.parametrize("precision,plan", [("emulate_bf16", TPU_PLAN), ("emulate_tf32", GPU_PLAN)],
+                         ids=["tpu_bf16_passes", "gpu_tf32"])
+def test_reduced_precision_stays_within_its_tolerance(precision, plan):
+    """Outputs and gradients with every kernel dot at bf16 / TF32 operand precision.
+
+    The exact modes ("default" and "highest" compute exact float32 dots on CPU)
+    stay within F32_TOL / GRAD_TOL, far tighter; the emulated error is also
+    checked to be of the emulated size, so the emulation cannot silently vanish.
+    """
+    args = _inputs(6, 2, 37, 4, 8, 2, 16)
+    fn = lambda x, dt, A, B, C, s0: ssd_pallas(x, dt, A, B, C, chunk_size=8, initial_state=s0, plan=plan,
+                                               precision=precision)
+    y, final = jax.jit(fn)(*args)
+    y_ref, final_ref = _sequential(*args)
+    u = UNIT_ROUNDING[precision]
+    errors = {"y": _rel_err(y, y_ref), "final": _rel_err(final, final_ref)}
+    errors.update({name: _rel_err(a, b) for name, a, b in zip(_NAMES, _grads(fn, args), _grads(_sequential, args))})
+    for name, err in errors.items():
+        tol = EMULATED_TOL[precision] if name in ("y", "final") else EMULATED_GRAD_TOL[precision]
+        assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
+        assert err >= u / 10, f"{name}: {err:.3g}: rounding not applied?"
+
+
+def test_precision_name_is_checked():
+    args = _inputs(0, 1, 8, 2, 4, 1, 4)
+    with pytest.raises(ValueError, match="precision"):
+        ssd_pallas(*args[:5], chunk_size=8, precision="high")
+
+
+def _dot_precisions(jaxpr):
+    """(precision, preferred_element_type) of every dot_general inside the pallas_calls of a jaxpr."""
+    out = []
+    for call in _pallas_calls(jaxpr):
+        kernel = call.params["jaxpr"]
+        out += [(e.params["precision"], e.params["preferred_element_type"])
+                for e in kernel.eqns if e.primitive.name == "dot_general"]
+    return out
+
+
+@pytest.mark.parametrize("precision,lax_precision", [("default", jax.lax.Precision.DEFAULT),
+                                                     ("highest", jax.lax.Precision.HIGHEST)])
+def test_every_kernel_dot_states_its_precision(precision, lax_precision):
+    args = _inputs(0, 1, 20, 4, 8, 2, 16)
+    loss = lambda *a: jnp.sum(ssd_pallas(*a[:5], chunk_size=8, initial_state=a[5], precision=precision)[0])
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=tuple(range(6))))(*args).jaxpr
+    dots = _dot_precisions(jaxpr)
+    # Forward: 3 (chunk-local) + 1 (readout); backward: 2 (states) + 9 (gradients).
+    assert len(dots) == 15
+    assert set(dots) == {((lax_precision, lax_precision), jnp.dtype(jnp.float32))}
+
+
 def _pallas_calls(jaxpr):
     """Every pallas_call equation in a jaxpr, nested ones included."""
     for eqn in jaxpr.eqns:
@@ -215,7 +288,7 @@ def test_auto_dispatch_by_backend():
 KERNELS = ("ssd_chunk_local", "ssd_state_readout", "ssd_bwd_states", "ssd_bwd_grads")
 
 
-def _lower_for(platform, plan):
+def _lower_for(platform, plan, precision):
     """Exports (lowers, without running) a Nemotron-H-12B-shaped SSD forward and
     backward for `platform`."""
     b, l, h, p, g, n = 1, 300, 8, 80, 2, 128  # 12B head dims; 300 = 2.3 chunks
@@ -223,7 +296,8 @@ def _lower_for(platform, plan):
     args = (sds(b, l, h, p), sds(b, l, h), sds(h), sds(b, l, g, n), sds(b, l, g, n), sds(b, h, p, n))
 
     def loss(x, dt, A, B, C, s0):
-        y, s = ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=s0, interpret=False, plan=plan)
+        y, s = ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=s0, interpret=False, plan=plan,
+                          precision=precision)
         return jnp.sum(y) + jnp.sum(s)
 
     # value_and_grad keeps the forward kernels alive next to the backward ones.
@@ -239,12 +313,18 @@ def test_kernels_lower_for_tpu(monkeypatch):
 
     monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
-    module = _lower_for("tpu", TPU_PLAN)
-    assert module.count("tpu_custom_call") == len(KERNELS)
-    assert all(name in module for name in KERNELS)
+    modules = {p: _lower_for("tpu", TPU_PLAN, p) for p in ("default", "highest")}
+    for module in modules.values():
+        assert module.count("tpu_custom_call") == len(KERNELS)
+        assert all(name in module for name in KERNELS)
+    # The precision reaches the serialized kernels (Mosaic: fp32 contract precision or none).
+    assert modules["default"] != modules["highest"]
 
 
 def test_kernels_lower_for_gpu():
-    module = _lower_for("cuda", GPU_PLAN)
-    assert module.count("__gpu$xla.gpu.triton") == len(KERNELS)
-    assert all(name in module for name in KERNELS)
+    modules = {p: _lower_for("cuda", GPU_PLAN, p) for p in ("default", "highest")}
+    for module in modules.values():
+        assert module.count("__gpu$xla.gpu.triton") == len(KERNELS)
+        assert all(name in module for name in KERNELS)
+    # The precision reaches the serialized kernels (Triton: TF32 or IEEE input precision).
+    assert modules["default"] != modules["highest"]

@@ -2,6 +2,7 @@
 and `NemotronH_Omni_Reasoning_V3`, on golden fixtures from
 tests/fixtures/make_vlm_fixtures.py; plus VLM import variants and errors."""
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 import hybridvlm
 from hybridvlm import convert
 from hybridvlm.hf_vlm_import import load_hf_radio
-from hybridvlm.radio import bilinear_matrix
+from hybridvlm.radio import resize_bilinear
 from hybridvlm.vlm import NemotronHVLModel, pixel_shuffle
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "vlm")
@@ -46,11 +47,43 @@ def test_position_embedding_interpolation_matches_reference(grid):
     np.testing.assert_allclose(np.asarray(got), e[f"pos_embed_{grid}"].reshape(rows * cols, -1), atol=1e-5, rtol=0)
 
 
-def test_bilinear_matrix_is_torch_bilinear():
-    # Hand-computed torch F.interpolate(align_corners=False) weights.
-    np.testing.assert_allclose(bilinear_matrix(2, 4), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
-    np.testing.assert_allclose(bilinear_matrix(4, 2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
-    np.testing.assert_allclose(bilinear_matrix(3, 3), np.eye(3))
+def _torch_bilinear_numpy(table, side):
+    """torch F.interpolate(mode="bilinear", align_corners=False) of (n, n, d) to (side, side, d),
+    point by point: source coordinate (i + 0.5) n / side - 0.5, clamped below at 0; the upper
+    neighbour clamped at n - 1. Written independently of the code under test."""
+    n = table.shape[0]
+    out = np.zeros((side, side, table.shape[2]), np.float64)
+
+    def neighbours(i):
+        src = max((i + 0.5) * n / side - 0.5, 0.0)
+        lo = min(int(np.floor(src)), n - 1)
+        return lo, min(lo + 1, n - 1), src - lo
+
+    for y in range(side):
+        y0, y1, fy = neighbours(y)
+        for x in range(side):
+            x0, x1, fx = neighbours(x)
+            top = (1 - fx) * table[y0, x0] + fx * table[y0, x1]
+            bottom = (1 - fx) * table[y1, x0] + fx * table[y1, x1]
+            out[y, x] = (1 - fy) * top + fy * bottom
+    return out
+
+
+@pytest.mark.parametrize("n,side", [(8, 5), (8, 3), (8, 13), (6, 16), (7, 7)],
+                         ids=["down5", "down3", "up13", "up16", "same"])
+def test_position_table_resize_is_torch_bilinear(n, side):
+    # Downsampling is where jax.image.resize's default antialiasing would differ from torch.
+    table = np.random.default_rng(n * 100 + side).normal(size=(n, n, 3)).astype(np.float32)
+    got = np.asarray(resize_bilinear(jnp.asarray(table), side))
+    np.testing.assert_allclose(got, _torch_bilinear_numpy(table.astype(np.float64), side), atol=1e-5, rtol=0)
+
+
+def test_position_table_resize_hand_values():
+    # A table holding its row index, so each output row shows its 1-D weights:
+    # 4 -> 2 averages pairs (0.5, 2.5); 2 -> 4 gives 0, 0.25, 0.75, 1 (edges clamped).
+    rows = lambda n: np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None], (n, n, 1))
+    np.testing.assert_allclose(np.asarray(resize_bilinear(jnp.asarray(rows(4)), 2))[:, 0, 0], [0.5, 2.5])
+    np.testing.assert_allclose(np.asarray(resize_bilinear(jnp.asarray(rows(2)), 4))[:, 0, 0], [0, 0.25, 0.75, 1])
 
 
 def test_pixel_shuffle_layout():
@@ -128,6 +161,23 @@ def test_transformers_module_names_load_identically(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     model = hybridvlm.from_pretrained(str(renamed))
     logits = model(jnp.asarray(e["input_ids"]), pixel_values_videos=jnp.asarray(e["pixel_values_videos"]))
+    np.testing.assert_allclose(np.asarray(logits), e["logits"], atol=TOL, rtol=0)
+
+
+def test_stored_head_is_used_although_text_config_says_tied(tmp_path):
+    # The reference's language model is NemotronHForCausalLM, which never ties:
+    # with tie_word_embeddings true (checked on transformers 5.24.0) it still
+    # uses the stored language_model.lm_head.weight, so the logits stay those of the fixture.
+    d, e = _case("omni_video")
+    tied = tmp_path / "tied"
+    shutil.copytree(d, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(cfg))
+    model = hybridvlm.from_pretrained(str(tied))
+    assert not model.text_config.tie_word_embeddings
+    logits = nnx.jit(lambda m, i, p: m(i, pixel_values_videos=p))(
+        model, jnp.asarray(e["input_ids"]), jnp.asarray(e["pixel_values_videos"]))
     np.testing.assert_allclose(np.asarray(logits), e["logits"], atol=TOL, rtol=0)
 
 

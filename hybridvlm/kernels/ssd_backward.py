@@ -40,15 +40,16 @@ from hybridvlm.kernels.ssd_forward import causal_decay
 from hybridvlm.kernels.ssd_layout import F32, dot
 
 
-def _states_kernel(x_ref, b_ref, wcol_ref, dy_ref, c_ref, acol_ref, u_ref, v_ref):
+def _states_kernel(x_ref, b_ref, wcol_ref, dy_ref, c_ref, acol_ref, u_ref, v_ref, *, precision):
     """One (batch, head, chunk): chunk end state U (P, N) and readout cotangent V (P, N).
 
     x, dy (s, P); b, c (s, N); wcol (s, 1) end-state weights; acol (s, 1).
+    precision: see ssd_layout.PRECISIONS.
     """
     Bw = b_ref[...].astype(F32) * wcol_ref[...]
-    u_ref[...] = dot(x_ref[...].astype(F32), Bw, ((0,), (0,)))
+    u_ref[...] = dot(x_ref[...].astype(F32), Bw, ((0,), (0,)), precision)
     dy_decayed = dy_ref[...] * jnp.exp(acol_ref[...])
-    v_ref[...] = dot(dy_decayed, c_ref[...].astype(F32), ((0,), (0,)))
+    v_ref[...] = dot(dy_decayed, c_ref[...].astype(F32), ((0,), (0,)), precision)
 
 
 def _total(v):
@@ -57,7 +58,7 @@ def _total(v):
 
 
 def _grad_kernel(x_ref, b_ref, c_ref, dy_ref, acol_ref, arow_ref, dtrow_ref, wcol_ref, s_ref, ds_ref,
-                 dx_ref, db_ref, dc_ref, dacol_ref, darow_ref, ddtcol_ref, ddtrow_ref, *, accumulate):
+                 dx_ref, db_ref, dc_ref, dacol_ref, darow_ref, ddtcol_ref, ddtrow_ref, *, accumulate, precision):
     """One (batch, head, chunk): cotangents of x, B, C, a_cum and dt.
 
     Inputs as in the forward kernels plus dy (s, P), s (P, N) the state
@@ -65,7 +66,7 @@ def _grad_kernel(x_ref, b_ref, c_ref, dy_ref, acol_ref, arow_ref, dtrow_ref, wco
     Writes dx (s, P), the a_cum and dt cotangents split as (s, 1) column and
     (1, s) row parts, and db, dc (s, N): this head's, or, with `accumulate`
     (grid (b, g, c, r), heads of a group on the last, ordered axis), summed
-    into the group's block.
+    into the group's block. precision: see ssd_layout.PRECISIONS.
     """
     s = x_ref.shape[0]
     x = x_ref[...].astype(F32)
@@ -77,21 +78,22 @@ def _grad_kernel(x_ref, b_ref, c_ref, dy_ref, acol_ref, arow_ref, dtrow_ref, wco
 
     # Intra-chunk mixing M_ij = (C_i . B_j) L_ij dt_j.
     decay = causal_decay(acol, arow_ref[...])  # (s, s)
-    cb_decay = dot(Cm, Bm, ((1,), (1,))) * decay
+    mm = lambda a, b, contract: dot(a, b, contract, precision)
+    cb_decay = mm(Cm, Bm, ((1,), (1,))) * decay
     mixing = cb_decay * dtrow
-    d_mixing = dot(dy, x, ((1,), (1,)))  # (s, s) = dy x^T
+    d_mixing = mm(dy, x, ((1,), (1,)))  # (s, s) = dy x^T
     d_cb = d_mixing * decay * dtrow
     through_decay = d_mixing * mixing  # d(a_i - a_j) of each entry
     # Chunk end state: dU = dS; dw_j = x_j . (dS B_j).
-    b_ds = dot(Bm, dS, ((1,), (1,)))  # (s, P)
+    b_ds = mm(Bm, dS, ((1,), (1,)))  # (s, P)
     dw = jnp.sum(x * b_ds, axis=1, keepdims=True)  # (s, 1)
     # Incoming-state readout exp(a_i) S C_i.
     readout_decay = jnp.exp(acol)  # (s, 1)
-    c_s = dot(Cm, S, ((1,), (1,)))  # (s, P)
+    c_s = mm(Cm, S, ((1,), (1,)))  # (s, P)
 
-    dx_ref[...] = dot(mixing, dy, ((0,), (0,))) + wcol * b_ds
-    db = dot(d_cb, Cm, ((0,), (0,))) + wcol * dot(x, dS, ((1,), (0,)))
-    dc = dot(d_cb, Bm, ((1,), (0,))) + readout_decay * dot(dy, S, ((1,), (0,)))
+    dx_ref[...] = mm(mixing, dy, ((0,), (0,))) + wcol * b_ds
+    db = mm(d_cb, Cm, ((0,), (0,))) + wcol * mm(x, dS, ((1,), (0,)))
+    dc = mm(d_cb, Bm, ((1,), (0,))) + readout_decay * mm(dy, S, ((1,), (0,)))
     if accumulate:
         @pl.when(pl.program_id(3) == 0)
         def _():
@@ -119,10 +121,11 @@ def _grad_kernel(x_ref, b_ref, c_ref, dy_ref, acol_ref, arow_ref, dtrow_ref, wco
     ddtrow_ref[...] = jnp.sum(d_mixing * cb_decay, axis=0, keepdims=True)
 
 
-def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan, interpret):
+def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan, interpret, precision):
     """Cotangents of (x, dt, A, B, C, initial_state), each in its input's dtype.
 
-    Args: the forward's inputs, dy (b, l, h, p) and d_final (b, h, p, n).
+    Args: the forward's inputs, dy (b, l, h, p) and d_final (b, h, p, n);
+    options as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`.
     """
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
     o = lay.operands(x, dt, A, B, C, d)
@@ -134,7 +137,7 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
     row = jax.ShapeDtypeStruct((d.b, d.h, d.nc, 1, d.cs), F32)
 
     u, v = lay.call(
-        _states_kernel, d,
+        functools.partial(_states_kernel, precision=precision), d,
         in_specs=[hb(d.cs, d.P), gb, hb(d.cs, 1), hb(d.cs, d.P), gb, hb(d.cs, 1)],
         out_specs=[hb(d.P, d.N), hb(d.P, d.N)],
         out_shape=[state, state], name="ssd_bwd_states", **common,
@@ -159,7 +162,7 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
         grid, semantics = None, None
         bc_out, bc_shape = hb(d.cs, d.N), jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.N), F32)
     dxh, dB, dC, dacol, darow, ddtcol, ddtrow = lay.call(
-        functools.partial(_grad_kernel, accumulate=accumulate), d,
+        functools.partial(_grad_kernel, accumulate=accumulate, precision=precision), d,
         in_specs=[hb(d.cs, d.P), gb, gb, hb(d.cs, d.P), hb(d.cs, 1), hb(1, d.cs), hb(1, d.cs), hb(d.cs, 1),
                   hb(d.P, d.N), hb(d.P, d.N)],
         out_specs=[hb(d.cs, d.P), bc_out, bc_out, hb(d.cs, 1), hb(1, d.cs), hb(d.cs, 1), hb(1, d.cs)],
@@ -172,7 +175,8 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
     # to every earlier step of the chunk.
     d_step = jax.lax.cumsum(dacol[..., 0] + darow[..., 0, :], axis=3, reverse=True)  # (b, h, c, s)
     ddt = ddtcol[..., 0] + ddtrow[..., 0, :] + d_step * A.astype(F32)[None, :, None, None]
-    dA = jnp.einsum("bhcs,bhcs->h", d_step, o.dt)
+    # A reduction, not a dot: exact float32 on every backend, whatever `precision`.
+    dA = jnp.sum(d_step * o.dt, axis=(0, 2, 3))
     if accumulate:
         group_sum = lambda v: rearrange(v, "b g c s n -> b (c s) g n")[:, : d.l, :, : d.n]
     else:

@@ -10,6 +10,8 @@ Per (batch b, head h, chunk c); s = position in chunk, a_cum = cumsum_s(dt A):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -25,40 +27,42 @@ def causal_decay(acol, arow):
     return jnp.exp(jnp.where(rows >= cols, acol - arow, -jnp.inf))
 
 
-def _chunk_local_kernel(x_ref, b_ref, c_ref, acol_ref, arow_ref, dtrow_ref, wcol_ref, y_ref, u_ref):
+def _chunk_local_kernel(x_ref, b_ref, c_ref, acol_ref, arow_ref, dtrow_ref, wcol_ref, y_ref, u_ref, *, precision):
     """One (batch, head, chunk): intra-chunk output and the chunk's end state.
 
     x (s, P); b, c (s, N); acol (s, 1) and arow (1, s): cumulative log-decay;
     dtrow (1, s); wcol (s, 1) = exp(a_last - a_cum) * dt, each step's weight
-    in the chunk's end state. Writes y (s, P) and u (P, N).
+    in the chunk's end state. Writes y (s, P) and u (P, N). precision: see
+    ssd_layout.PRECISIONS.
     """
     x = x_ref[...].astype(F32)
     Bm = b_ref[...].astype(F32)
     Cm = c_ref[...].astype(F32)
-    cb = dot(Cm, Bm, ((1,), (1,)))  # (s, s) = C B^T
+    cb = dot(Cm, Bm, ((1,), (1,)), precision)  # (s, s) = C B^T
     mixing = cb * causal_decay(acol_ref[...], arow_ref[...]) * dtrow_ref[...]
-    y_ref[...] = dot(mixing, x, ((1,), (0,))).astype(y_ref.dtype)
-    u_ref[...] = dot(x, Bm * wcol_ref[...], ((0,), (0,))).astype(u_ref.dtype)  # (P, N)
+    y_ref[...] = dot(mixing, x, ((1,), (0,)), precision).astype(y_ref.dtype)
+    u_ref[...] = dot(x, Bm * wcol_ref[...], ((0,), (0,)), precision).astype(u_ref.dtype)  # (P, N)
 
 
-def _state_readout_kernel(y_ref, c_ref, acol_ref, s_ref, out_ref):
+def _state_readout_kernel(y_ref, c_ref, acol_ref, s_ref, out_ref, *, precision):
     """One (batch, head, chunk): adds the incoming state's contribution.
 
     y (s, P) intra-chunk output; c (s, N); acol (s, 1); s (P, N) state entering.
+    precision: see ssd_layout.PRECISIONS.
     """
-    contrib = dot(c_ref[...].astype(F32), s_ref[...], ((1,), (1,)))  # (s, P)
+    contrib = dot(c_ref[...].astype(F32), s_ref[...], ((1,), (1,)), precision)  # (s, P)
     out_ref[...] = (y_ref[...] + jnp.exp(acol_ref[...]) * contrib).astype(out_ref.dtype)
 
 
-def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret):
-    """Forward pass; shapes as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`."""
+def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret, precision):
+    """Forward pass; shapes and options as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`."""
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
     o = lay.operands(x, dt, A, B, C, d)
     hb, gb = lay.head_block, lay.group_block(d)
     common = dict(plan=plan, interpret=interpret)
 
     y_diag, u = lay.call(
-        _chunk_local_kernel, d,
+        functools.partial(_chunk_local_kernel, precision=precision), d,
         in_specs=[hb(d.cs, d.P), gb, gb, hb(d.cs, 1), hb(1, d.cs), hb(1, d.cs), hb(d.cs, 1)],
         out_specs=[hb(d.cs, d.P), hb(d.P, d.N)],
         out_shape=[jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.P), F32),
@@ -69,7 +73,7 @@ def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret):
     s_start, s_final = lay.chunk_states(jnp.exp(o.a_cum[..., -1]), u, lay.pad_state(initial_state, d))
 
     y = lay.call(
-        _state_readout_kernel, d,
+        functools.partial(_state_readout_kernel, precision=precision), d,
         in_specs=[hb(d.cs, d.P), gb, hb(d.cs, 1), hb(d.P, d.N)],
         out_specs=hb(d.cs, d.P),
         out_shape=jax.ShapeDtypeStruct((d.b, d.h, d.nc, d.cs, d.P), F32),

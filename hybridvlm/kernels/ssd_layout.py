@@ -184,9 +184,59 @@ def call(kernel, d: Dims, *, in_specs, out_specs, out_shape, plan, interpret, na
     )
 
 
-def dot(a, b, contract):
-    """2-D dot with float32 accumulation; contract = ((lhs_dim,), (rhs_dim,))."""
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32)
+# Matmul precision of the kernels' dots (all float32 x float32 -> float32), by name:
+#   "default": the backend's fast path, as XLA's own matmuls at JAX's default
+#              precision: bf16 MXU passes on TPU (Mosaic's default), TF32 tensor
+#              cores on GPU (Triton). Operands keep 8 (bf16) or 11 (TF32)
+#              significant bits; products are accumulated in float32.
+#   "highest": float32 products: Mosaic's fp32 contract precision (several bf16
+#              passes) on TPU, IEEE float32 on GPU. Slower.
+#   "emulate_bf16", "emulate_tf32": operands rounded as those passes round them
+#              (bf16: to nearest even; TF32: truncated to 10 mantissa bits, the
+#              worse of the roundings GPUs apply), then an exact float32 dot.
+#              For tests: on CPU, interpret mode computes every float32 dot
+#              exactly, whatever the precision flag says.
+# Mosaic accepts only lax's DEFAULT and HIGHEST (not HIGH); Triton maps DEFAULT
+# (and HIGH) to TF32 and HIGHEST to IEEE.
+PRECISIONS = ("default", "highest", "emulate_bf16", "emulate_tf32")
+_LAX_PRECISION = {
+    "default": jax.lax.Precision.DEFAULT,
+    "highest": jax.lax.Precision.HIGHEST,
+    "emulate_bf16": jax.lax.Precision.HIGHEST,
+    "emulate_tf32": jax.lax.Precision.HIGHEST,
+}
+TF32_MASK = -(1 << 13)  # 0xFFFFE000 as int32: sign, exponent and the top 10 mantissa bits
+
+
+def round_to_bf16(v):
+    """float32 -> float32 holding the nearest bfloat16 (8 significant bits, ties to even)."""
+    return v.astype(jnp.bfloat16).astype(F32)
+
+
+def truncate_to_tf32(v):
+    """float32 -> float32 with the low 13 of its 23 mantissa bits cleared (TF32's 10 kept)."""
+    bits = jax.lax.bitcast_convert_type(v.astype(F32), jnp.int32)
+    return jax.lax.bitcast_convert_type(bits & TF32_MASK, F32)
+
+
+_OPERAND_ROUNDING = {"emulate_bf16": round_to_bf16, "emulate_tf32": truncate_to_tf32}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown matmul precision {precision!r}; use one of {PRECISIONS}")
+
+
+def dot(a, b, contract, precision):
+    """2-D dot, float32 accumulation at the named `precision` (see PRECISIONS).
+
+    contract = ((lhs_dim,), (rhs_dim,)).
+    """
+    rounding = _OPERAND_ROUNDING.get(precision)
+    if rounding is not None:
+        a, b = rounding(a), rounding(b)
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=_LAX_PRECISION[precision],
+                               preferred_element_type=F32)
 
 
 def combine(left, right):

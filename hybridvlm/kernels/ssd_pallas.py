@@ -17,6 +17,11 @@ Mosaic GPU lowering of `pallas_call` rejects these block programs (shared
 memory over the limit, 16-byte stride rule for (s, 1) blocks) and is itself
 deprecated for `pallas_call` in favour of `plgpu.kernel`. On CPU the kernels
 run with `interpret=True`. Tiling and padding: kernels/ssd_layout.py.
+
+Matmul precision is explicit (`precision=`, see ssd_layout.PRECISIONS):
+"default" runs the kernels' float32 dots as bf16 MXU passes on TPU and TF32
+on GPU, like XLA's matmuls at JAX's default precision; "highest" keeps
+float32 products on both. On CPU every dot is exact float32 either way.
 """
 
 from __future__ import annotations
@@ -28,31 +33,34 @@ import jax.numpy as jnp
 
 from hybridvlm.kernels.ssd_backward import ssd_backward
 from hybridvlm.kernels.ssd_forward import ssd_forward
-from hybridvlm.kernels.ssd_layout import GPU_PLAN, TPU_PLAN, TilePlan, plan_for_backend
+from hybridvlm.kernels.ssd_layout import GPU_PLAN, PRECISIONS, TPU_PLAN, TilePlan, check_precision, plan_for_backend
 from hybridvlm.ssd.chunked import ssd_chunked
 from hybridvlm.ssd.shapes import check_inputs
 
-__all__ = ["ssd_pallas", "TilePlan", "TPU_PLAN", "GPU_PLAN", "plan_for_backend", "BACKWARDS"]
+__all__ = ["ssd_pallas", "TilePlan", "TPU_PLAN", "GPU_PLAN", "plan_for_backend", "BACKWARDS", "PRECISIONS"]
 
 BACKWARDS = ("pallas", "chunked")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ssd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward):
-    return ssd_forward(x, dt, A, B, C, initial_state, chunk_size=chunk_size, plan=plan, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _ssd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward, precision):
+    return ssd_forward(x, dt, A, B, C, initial_state, chunk_size=chunk_size, plan=plan, interpret=interpret,
+                       precision=precision)
 
 
-def _ssd_fwd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward):
-    out = ssd_forward(x, dt, A, B, C, initial_state, chunk_size=chunk_size, plan=plan, interpret=interpret)
+def _ssd_fwd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward, precision):
+    out = ssd_forward(x, dt, A, B, C, initial_state, chunk_size=chunk_size, plan=plan, interpret=interpret,
+                      precision=precision)
     # Chunk states are recomputed in the backward pass rather than saved: they
     # are (P x N) per chunk and head, more memory than the inputs at 12B dims.
     return out, (x, dt, A, B, C, initial_state)
 
 
-def _ssd_bwd(chunk_size, plan, interpret, backward, residuals, cotangents):
+def _ssd_bwd(chunk_size, plan, interpret, backward, precision, residuals, cotangents):
     dy, d_final = cotangents
     if backward == "pallas":
-        return ssd_backward(*residuals, dy, d_final, chunk_size=chunk_size, plan=plan, interpret=interpret)
+        return ssd_backward(*residuals, dy, d_final, chunk_size=chunk_size, plan=plan, interpret=interpret,
+                            precision=precision)
     chunked = lambda x, dt, A, B, C, s0: ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=s0)
     _, vjp = jax.vjp(chunked, *residuals)
     return vjp(cotangents)
@@ -61,7 +69,8 @@ def _ssd_bwd(chunk_size, plan, interpret, backward, residuals, cotangents):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def ssd_pallas(x, dt, A, B, C, *, chunk_size, initial_state=None, interpret=None, plan=None, backward="pallas"):
+def ssd_pallas(x, dt, A, B, C, *, chunk_size, initial_state=None, interpret=None, plan=None, backward="pallas",
+               precision="default"):
     """Pallas SSD with a custom_vjp backward.
 
     Args:
@@ -71,11 +80,15 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, initial_state=None, interpret=None
       interpret: run the kernels in interpret mode; default: on CPU.
       plan: TilePlan override; default from the backend.
       backward: "pallas" (kernels) or "chunked" (recompute through chunked XLA).
+      precision: matmul precision of the kernels' dots: "default" (bf16 passes
+        on TPU, TF32 on GPU), "highest" (float32), or "emulate_bf16" /
+        "emulate_tf32" (operands rounded as those passes do; for tests on CPU).
     Returns:
       y (b, l, h, p) float32 and final state (b, h, p, n) float32.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward: unknown implementation {backward!r}; use one of {BACKWARDS}")
+    check_precision(precision)
     check_inputs(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
     backend = jax.default_backend()
     if interpret is None:
@@ -84,4 +97,4 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, initial_state=None, interpret=None
     if initial_state is None:
         b, _, h, p = x.shape
         initial_state = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32)
-    return _ssd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward)
+    return _ssd(x, dt, A, B, C, initial_state, chunk_size, plan, interpret, backward, precision)
