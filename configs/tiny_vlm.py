@@ -8,6 +8,7 @@ decoding) running in seconds on a laptop CPU.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import tiny_lm
 
@@ -30,7 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.projector_hidden_size = 128
     c.image_size = 128
     c.max_frames = 16
-    c.fps = None  # None: uniform sampling of max_frames over the clip
+    # Frames per second to sample; unset (None): max_frames spread uniformly over the clip.
+    # A typed placeholder, so that --config.fps=1.0 can set it.
+    c.fps = config_dict.placeholder(float)
     c.question = "Question: what moves in the video, and where does it go? Answer:"
     c.max_new_tokens = 24
     return c

@@ -1,19 +1,21 @@
 """Layerwise sparsity and importance stability of visual-token scores.
 
     python -m eval.analyze                                   # tiny random VLM, 3 generated clips
+    python -m eval.analyze --help                            # flags and config fields
     python -m eval.analyze --checkpoint DIR --video a.mp4 --video b.mp4 --question "..." --out results/
     python -m eval.analyze --num_examples 5 --config.max_frames=8 --json out/analysis.json
 
 For each example (a video and the question), the LM runs WITHOUT pruning and
 the language-aware score of every visual token is recorded before every layer
-(`reduction.analysis.layerwise_scores`; an MLP layer is scored with the next
-mixer's projections). Then, per layer, the fraction of visual tokens holding
-`--mass` (90%) of the score mass (layerwise sparsity), and between every pair
-of layers the Spearman correlation and the top-`--topk_frac` (25%) overlap of
-the scores (importance stability), averaged over the examples.
+(`NemotronHForCausalLM.layerwise_visual_scores`; an MLP layer is scored with
+the next mixer's projections). Then, per layer, the fraction of visual tokens
+holding `--mass` (90%) of the score mass (layerwise sparsity), and between
+every pair of layers the Spearman correlation and the top-`--topk_frac` (25%)
+overlap of the scores (importance stability), averaged over the examples.
 
-Outputs, in --out (default ./analysis_out; --json PATH moves the JSON, and
-then --out defaults to PATH's directory):
+Outputs, in --out (default: a new temporary directory, printed at the start
+and the end; --json PATH moves the JSON, and then --out defaults to PATH's
+directory):
   analysis.json      model, examples, score config, per-layer table, LxL matrices,
                      per-layer-kind summaries (see `reduction.analysis.summarize`);
   sparsity.png       sparsity over depth (mean +- std), attention / Mamba / MLP marked;
@@ -21,7 +23,9 @@ then --out defaults to PATH's directory):
   scores_<ex>.png    layer x visual-token heatmap of each example (each layer's
                      share of its score mass; dotted lines at tubelet boundaries);
   scores.npz         the raw (L, V) scores per example, with --save_scores.
-Files are written to a temporary name and renamed.
+Files are written to a temporary name and renamed. Videos, the checkpoint,
+the output paths and the numbers are checked before the model is built; an
+error prints one line (`--debug` for the traceback).
 
 With no --checkpoint the model is the tiny **randomly initialised, untrained**
 VLM of configs/tiny_vlm.py (labelled so in the output): the numbers only show
@@ -42,12 +46,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 import configs
 from eval import inputs
+from hybridvlm import cli, cli_checks
 from hybridvlm.cache import Layout
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
@@ -66,25 +71,54 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", configs.path("tiny_vlm"), "ml_collections config file.")
     flags.DEFINE_string("checkpoint", None, "HF or hybridvlm VLM checkpoint directory (default: tiny random VLM).")
     flags.DEFINE_multi_string("video", None, "Video file; repeat for several examples (default: generated clips).")
-    flags.DEFINE_integer("num_examples", 3, "Generated clips when no --video is given.")
+    flags.DEFINE_integer("num_examples", 3, "Generated clips when no --video is given.", lower_bound=1)
     flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
-    flags.DEFINE_string("out", None, "Output directory (default: ./analysis_out, or --json's directory).")
+    flags.DEFINE_string("out", None, "Output directory (default: --json's directory, else a new temporary "
+                        "directory, printed).")
     flags.DEFINE_string("json", None, f"Path of the JSON output (default: OUT/{JSON_NAME}).")
     flags.DEFINE_float("mass", 0.9, "Score mass for the layerwise sparsity.")
     flags.DEFINE_float("topk_frac", 0.25, "Top fraction of visual tokens for the overlap.")
     flags.DEFINE_enum("mamba_mode", ScoreConfig.mamba_mode, list(MAMBA_MODES), "Mamba score: decay_free or decay.")
-    flags.DEFINE_integer("max_query", ScoreConfig.max_query, "Static bound on the question rows scored.")
+    flags.DEFINE_integer("max_query", ScoreConfig.max_query, "Static bound on the question rows scored.",
+                         lower_bound=1)
     flags.DEFINE_boolean("save_scores", False, "Also write the raw scores as scores.npz.")
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
+def check_args(cfg, *, checkpoint=None, videos=None, num_examples=3, out_dir=None, json_path=None, mass=0.9,
+               topk_frac=0.25) -> None:
+    """Checks the inputs without building the model: UsageError / cli.InputError naming the flag."""
+    inputs.check_generation_config(cfg)
+    cli_checks.in_range("--mass", mass, 0.0, 1.0, low_open=True)
+    cli_checks.in_range("--topk_frac", topk_frac, 0.0, 1.0, low_open=True)
+    if not videos:
+        cli_checks.at_least("--num_examples", num_examples, 1)
+    if not inputs.check_model_source(cfg, checkpoint):
+        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; the analysis needs a VLM")
+    for video in videos or ():
+        cli_checks.media_file("--video", video)
+    if out_dir is not None:
+        cli_checks.output_dir("--out", out_dir)
+    if json_path is not None:
+        cli_checks.output_file("--json", json_path)
+
+
+def output_paths(out_dir: str | None, json_path: str | None) -> tuple[str, str]:
+    """(output directory, JSON path). Default directory: --json's, else a new temporary one
+    (never the working tree, which is usually the source checkout)."""
+    if out_dir is None:
+        out_dir = (os.path.dirname(os.path.abspath(json_path)) if json_path
+                   else tempfile.mkdtemp(prefix="hybridvlm-analysis-"))
+    return out_dir, json_path or os.path.join(out_dir, JSON_NAME)
+
+
 def load_model(cfg, checkpoint):
     """Returns (VLM, tokenizer, label, untrained)."""
     model, tok, label = inputs.load_model(cfg, checkpoint)
     if not isinstance(model, NemotronHVLModel):
-        raise app.UsageError(f"{checkpoint} is a text-only language model; the analysis needs a VLM")
+        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; the analysis needs a VLM")
     untrained = checkpoint is None
     return model, tok, UNTRAINED_LABEL if untrained else label, untrained
 
@@ -137,8 +171,8 @@ def score_examples(model: NemotronHVLModel, examples, score_cfg: ScoreConfig) ->
         m = nnx.merge(graphdef, state)
         h = m.embed(ids, pixels)
         visual = (ids == image_id) & mask.astype(bool)
-        return analysis.layerwise_scores(m.language_model, h, Layout.prompt(mask), visual, score_cfg,
-                                         num_visual=num_visual)
+        return m.language_model.layerwise_visual_scores(h, Layout.prompt(mask), visual, score_cfg,
+                                                        num_visual=num_visual)
 
     groups: dict[tuple, list[int]] = {}
     for i, (_, tub, _) in enumerate(examples):
@@ -293,17 +327,17 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
     matplotlib.use("Agg")
     t0 = time.perf_counter()
     score_cfg = score_cfg or ScoreConfig()
-    if out_dir is None:
-        out_dir = os.path.dirname(os.path.abspath(json_path)) if json_path else "analysis_out"
-    json_path = json_path or os.path.join(out_dir, JSON_NAME)
+    check_args(cfg, checkpoint=checkpoint, videos=videos, num_examples=num_examples, out_dir=out_dir,
+               json_path=json_path, mass=mass, topk_frac=topk_frac)
+    out_dir, json_path = output_paths(out_dir, json_path)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    if verbose:
+        print(f"output   : {out_dir}", flush=True)
 
     model, tok, label, untrained = load_model(cfg, checkpoint)
     question = cfg.question if question is None else question
     generated = not videos
-    if generated and num_examples < 1:
-        raise app.UsageError("--num_examples must be >= 1")
     examples, infos = [], []
     with tempfile.TemporaryDirectory() as tmp:
         if generated:
@@ -320,7 +354,7 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
                 info["video"] = None
                 info["generated_clip"] = clip_params(i)
             if info["visual_tokens"] == 0:
-                raise app.UsageError(f"{video}: the prompt has no visual tokens")
+                raise cli.InputError(f"--video: {video}: the prompt has no visual tokens")
             examples.append((ids, tub, info))
             infos.append(info)
     t_inputs = time.perf_counter() - t0
@@ -368,7 +402,7 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     F = flags.FLAGS
     score_cfg = ScoreConfig(mamba_mode=F.mamba_mode, max_query=F.max_query)
     run(F.config, checkpoint=F.checkpoint, videos=F.video, num_examples=F.num_examples, question=F.question,
@@ -377,5 +411,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -4,6 +4,7 @@
     python -m eval.bench_prefill --budgets 0.25 --shapes step,fastv --repeats 2 --json out.json
     python -m eval.bench_prefill --runlocal               # tiny sizes, quick check
     python -m eval.bench_prefill --config configs/tiny_lm.py --config.model.chunk_size=64
+    python -m eval.bench_prefill --help                   # flags and config fields
 
 The LM runs from input embeddings (1, T, d) laid out like a video prompt:
 `prefix` text tokens, `num_visual` visual tokens, `question` text tokens at
@@ -25,7 +26,9 @@ Timing (as eval/bench_ssd.py): each function is compiled ahead of time
 (`jit(...).lower(...).compile()`, compile excluded), called once as a
 warm-up, then `--repeats` timed calls with `block_until_ready`; the median is
 reported. Same model, same inputs for every point. A point that fails (e.g. a
-budget a schedule cannot reach, out of memory) is recorded, not fatal.
+budget a schedule cannot reach, out of memory) is recorded, not fatal. Flags
+and config values are checked before the model is built; an error prints one
+line (`--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 import configs
 from eval.timing import timed
+from hybridvlm import cli, cli_checks
 from hybridvlm.cache import Layout
-from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
+from hybridvlm.config import ATTENTION, LAYER_CHARS, MAMBA, MLP, ConfigError, LMConfig
 from hybridvlm.lm import NemotronHForCausalLM
 from reduction import plan as rp
 from reduction.scores import ScoreConfig
@@ -70,13 +74,15 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", configs.path("bench_hybrid"), "ml_collections LM config file.")
     flags.DEFINE_list("budgets", ["0.25", "0.35", "0.5"], "Visual-token budgets.")
     flags.DEFINE_list("shapes", list(SHAPES), f"Plans to time, of {SHAPES}.")
-    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
-    flags.DEFINE_integer("num_visual", None, "Visual tokens (default: config bench.num_visual).")
-    flags.DEFINE_integer("prefix", None, "Text tokens before the video (default: config bench.prefix).")
-    flags.DEFINE_integer("question", None, "Question tokens after the video (default: config bench.question).")
+    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).", lower_bound=1)
+    flags.DEFINE_integer("num_visual", None, "Visual tokens (default: config bench.num_visual).", lower_bound=1)
+    flags.DEFINE_integer("prefix", None, "Text tokens before the video (default: config bench.prefix).",
+                         lower_bound=0)
+    flags.DEFINE_integer("question", None, "Question tokens after the video (default: config bench.question).",
+                         lower_bound=1)
     flags.DEFINE_integer("max_query", None, "ScoreConfig.max_query of the scored plans (default: the question "
-                         "length; 0: ScoreConfig's default).")
-    flags.DEFINE_integer("fastv_layer", 2, "K of fastv / uniform_stride / random_plan.")
+                         "length; 0: ScoreConfig's default).", lower_bound=0)
+    flags.DEFINE_integer("fastv_layer", 2, "K of fastv / uniform_stride / random_plan.", lower_bound=0)
     flags.DEFINE_string("stage_kinds", "", "Snap stage layers to layers of these pattern kinds (e.g. '*': "
                         "attention layers only, where scoring is cheap); empty: any layer (builders' default).")
     flags.DEFINE_bool("overhead", True,
@@ -112,23 +118,30 @@ def layer_flops(cfg: LMConfig, kind: str, t: int) -> float:
     raise ValueError(f"layer kind {kind!r}")
 
 
-def scoring_flops(cfg: LMConfig, kind: str, t: int, num_visual: int, num_query: int) -> float:
-    """FLOPs of scoring the visual tokens entering a stage, with layer `kind`'s projections.
+def scoring_flops(cfg: LMConfig, kind: str, t: int, num_visual: int, num_query: int,
+                  scorer: ScoreConfig = ScoreConfig()) -> float:
+    """Matmul FLOPs of scoring the visual tokens entering a stage, with layer `kind`'s projections.
 
-    As the model computes them (`NemotronHForCausalLM.visual_scores`): the
-    scoring layer's projections over all t tokens (Mamba: the whole in_proj and
-    conv; attention: q and k), then the query-row scores over the keys, two
-    passes (row statistics, then normalised scores): Mamba C_q . B_j per group,
-    attention q . k per head. Top-k and gather: not counted.
+    As the model computes them (`NemotronHForCausalLM.visual_scores`), over
+    all t tokens: Mamba (`Mamba2Mixer.project_scoring`) only the B, C and dt
+    columns of in_proj and the conv over the B and C channels (the z and x
+    columns, most of in_proj, are skipped); attention (`project_qk`) q and k.
+    Then the query-row scores over the keys, in two passes when
+    `scorer.normalize_rows` (row norms, then normalised scores), else one:
+    Mamba C_q . B_j per group (plus the per-head decay with mamba_mode
+    "decay"), attention q . k per head. Norms, top-k and gather: not counted.
     """
+    del num_visual  # every key is scored; the visual mask only zeroes the others
     d = cfg.hidden_size
     q = min(num_query, t)
+    passes = 2 if scorer.normalize_rows else 1
     if kind == MAMBA:
-        proj = cfg.mamba_intermediate + cfg.conv_dim + cfg.mamba_num_heads
-        return (2.0 * t * d * proj + 2.0 * t * cfg.conv_kernel * cfg.conv_dim
-                + 2 * 2.0 * q * t * cfg.n_groups * cfg.ssm_state_size)
+        g, n, h = cfg.n_groups, cfg.ssm_state_size, cfg.mamba_num_heads
+        bc = 2 * g * n
+        per_pass = 2.0 * q * t * g * n + (2.0 * q * t * h if scorer.mamba_mode == "decay" else 0.0)
+        return 2.0 * t * d * (bc + h) + 2.0 * t * cfg.conv_kernel * bc + passes * per_pass
     nq, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    return 2.0 * t * d * (nq + kv) * hd + 2 * 2.0 * q * t * nq * hd
+    return 2.0 * t * d * (nq + kv) * hd + passes * 2.0 * q * t * nq * hd
 
 
 def scoring_kind(pattern: str, i: int) -> str:
@@ -146,7 +159,7 @@ def flop_model(cfg: LMConfig, t_full: int, plan=None, num_query: int = 0, *, sco
     for i, kind in enumerate(cfg.pattern):
         if i in stages:
             if scoring and plan.selector == "score":
-                total += scoring_flops(cfg, scoring_kind(cfg.pattern, i), t, num_visual, num_query)
+                total += scoring_flops(cfg, scoring_kind(cfg.pattern, i), t, num_visual, num_query, plan.scorer)
             t -= num_visual - stages[i]
             num_visual = stages[i]
         total += layer_flops(cfg, kind, t)
@@ -172,7 +185,7 @@ def make_plans(shape: str, num_layers: int, num_visual: int, budget: float, *, s
         return rp.uniform_stride(num_layers, num_visual, budget, layer=fastv_layer, layers=layers)
     if shape == "random":
         return rp.random_plan(num_layers, num_visual, budget, layer=fastv_layer, layers=layers)
-    raise app.UsageError(f"--shapes: unknown plan {shape!r}; use {SHAPES}")
+    raise cli.UsageError(f"--shapes: unknown plan {shape!r}; use {SHAPES}")
 
 
 def video_prompt(d: int, prefix: int, num_visual: int, question: int, *, seed: int = 0, dtype=jnp.float32):
@@ -281,49 +294,91 @@ def machine_info() -> dict:
                 python=platform.python_version(), jax=jax.__version__)
 
 
+def parse_budgets(values) -> list[float]:
+    """--budgets values as floats in (0, 1] (UsageError naming the bad one)."""
+    budgets = []
+    for v in values:
+        try:
+            b = float(v)
+        except ValueError:
+            raise cli.UsageError(f"--budgets: {v!r} is not a number") from None
+        cli_checks.in_range("--budgets", b, 0.0, 1.0, low_open=True)
+        budgets.append(b)
+    cli_checks.require(bool(budgets), "--budgets", "needs at least one budget")
+    return budgets
+
+
+def parse_shapes(values) -> list[str]:
+    shapes = [s.strip() for s in values]
+    for s in shapes:
+        cli_checks.require(s in SHAPES, "--shapes", f"unknown plan {s!r}; use {', '.join(SHAPES)}")
+    cli_checks.require(bool(shapes), "--shapes", "needs at least one plan")
+    return shapes
+
+
+def lm_config(model_kw) -> LMConfig:
+    """The benchmark LM's config (UsageError naming --config for an invalid field)."""
+    try:
+        return LMConfig(**model_kw)
+    except (ConfigError, TypeError, ValueError) as e:  # TypeError: a field LMConfig does not have
+        raise cli.UsageError(f"--config: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfgd = flags.FLAGS.config
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    F = flags.FLAGS
+    cfgd = F.config
     model_kw = dict(cfgd.model)
     bench = dict(cfgd.get("bench", {}) or {})
-    repeats = flags.FLAGS.repeats
-    if flags.FLAGS.runlocal:
+    repeats = F.repeats
+    if F.runlocal:
         model_kw.update(RUNLOCAL_MODEL)
         bench.update(RUNLOCAL_BENCH)
         repeats = 1
-    prefix = flags.FLAGS.prefix if flags.FLAGS.prefix is not None else bench.get("prefix", 16)
-    num_visual = flags.FLAGS.num_visual if flags.FLAGS.num_visual is not None else bench.get("num_visual", 8192)
-    question = flags.FLAGS.question if flags.FLAGS.question is not None else bench.get("question", 32)
-    cfg = LMConfig(**model_kw)
-    shapes = [s.strip() for s in flags.FLAGS.shapes]
-    for s in shapes:
-        if s not in SHAPES:
-            raise app.UsageError(f"--shapes: unknown plan {s!r}; use {SHAPES}")
-    budgets = [float(b) for b in flags.FLAGS.budgets]
+    prefix = F.prefix if F.prefix is not None else bench.get("prefix", 16)
+    num_visual = F.num_visual if F.num_visual is not None else bench.get("num_visual", 8192)
+    question = F.question if F.question is not None else bench.get("question", 32)
+    # Everything is checked before the model is built.
+    cfg = lm_config(model_kw)
+    shapes = parse_shapes(F.shapes)
+    budgets = parse_budgets(F.budgets)
+    cli_checks.at_least("--config.bench.prefix", prefix, 0)
+    cli_checks.at_least("--config.bench.num_visual", num_visual, 1)
+    cli_checks.at_least("--config.bench.question", question, 1)
+    if set(shapes) & {"fastv", "uniform", "random"}:
+        cli_checks.require(F.fastv_layer < cfg.num_layers, "--fastv_layer",
+                           f"must be < the model's {cfg.num_layers} layers, got {F.fastv_layer}")
+    bad = sorted(set(F.stage_kinds) - set(LAYER_CHARS))
+    cli_checks.require(not bad, "--stage_kinds", f"unknown layer kinds {bad}; use chars of {''.join(LAYER_CHARS)!r}")
+    if F.stage_kinds:
+        cli_checks.require(bool(rp.layers_of_kind(cfg.pattern, F.stage_kinds)), "--stage_kinds",
+                           f"no layer of kinds {F.stage_kinds!r} in the pattern {cfg.pattern}")
+    if F.json:
+        cli_checks.output_file("--json", F.json)
     info = machine_info()
     print(f"backend={info['backend']} device={info['device']} cpus={info['cpu_count']} "
           f"layers={cfg.num_layers} pattern={cfg.pattern} hidden={cfg.hidden_size} "
           f"prompt={prefix}+{num_visual}v+{question} repeats={repeats} "
-          f"stage_kinds={flags.FLAGS.stage_kinds or 'any'}")
+          f"stage_kinds={F.stage_kinds or 'any'}")
     print(HEADER, flush=True)
     t0 = time.perf_counter()
     res = benchmark(cfg, prefix=prefix, num_visual=num_visual, question=question, budgets=budgets, shapes=shapes,
-                    repeats=repeats, max_query=flags.FLAGS.max_query, fastv_layer=flags.FLAGS.fastv_layer,
-                    overhead=flags.FLAGS.overhead, seed=int(cfgd.get("seed", 0)),
-                    stage_kinds=flags.FLAGS.stage_kinds, on_row=print_row)
+                    repeats=repeats, max_query=F.max_query, fastv_layer=F.fastv_layer,
+                    overhead=F.overhead, seed=int(cfgd.get("seed", 0)),
+                    stage_kinds=F.stage_kinds, on_row=print_row)
     wall = time.perf_counter() - t0
     print(f"wall time {wall:.1f}s; scoring uses max_query={res['num_query']} query rows; "
           f"ideal = FLOP-model speedup incl. scoring; overhead = (t_score - t_random) / t_score")
-    if flags.FLAGS.json:
-        with open(flags.FLAGS.json, "w") as f:
+    if F.json:
+        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
+        with open(F.json, "w") as f:
             json.dump(dict(machine=info, config=cfg.to_dict(),
                            prompt=dict(prefix=prefix, num_visual=num_visual, question=question),
-                           repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=flags.FLAGS.stage_kinds,
+                           repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=F.stage_kinds,
                            wall_seconds=wall, **res),
                       f, indent=2, default=float)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -2,6 +2,7 @@
 
     python -m eval.bench_ssd                       # 12B Mamba-layer dims, 1k..32k tokens
     python -m eval.bench_ssd --lengths 1024,4096 --heads 8 --json out.json
+    python -m eval.bench_ssd --help                # all flags
 
 For each implementation, sequence length and mode ("fwd", "fwd_bwd"), the
 compiled function is timed after a warm-up call with `block_until_ready`; the
@@ -16,25 +17,28 @@ useful work) for all implementations. Implementations:
   sequential      `lax.scan` over time (the reference).
 
 On CPU the Pallas kernels run in interpret mode: correct, but not a measure
-of kernel speed. Once one measurement exceeds --max-seconds, longer lengths
+of kernel speed. Once one measurement exceeds --max_seconds, longer lengths
 of that implementation and mode are skipped (shown as "skipped"); a point
 that fails (e.g. out of memory: the sequential path's backward keeps every
-step's state) is shown as "failed" and also ends that row's lengths.
+step's state) is shown as "failed" and also ends that row's lengths. Flags
+are checked before anything runs; an error prints one line (`--debug` for
+the traceback).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from eval.timing import timed
+from hybridvlm import cli, cli_checks
 from hybridvlm.kernels.ssd_pallas import ssd_pallas
 from hybridvlm.ssd import ssd_chunked, ssd_sequential
-
 
 
 def define_flags() -> None:
@@ -43,19 +47,20 @@ def define_flags() -> None:
     flags.DEFINE_list("impls", list(IMPLS), "Implementations to time.")
     flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
     flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-    flags.DEFINE_integer("batch", 1, "Batch size.")
-    flags.DEFINE_integer("heads", 128, "Mamba heads (12B: 128).")
-    flags.DEFINE_integer("head_dim", 80, "Mamba head dim (12B: 80).")
-    flags.DEFINE_integer("state", 128, "SSM state size (12B: 128).")
-    flags.DEFINE_integer("groups", 8, "B/C groups (12B: 8).")
-    flags.DEFINE_integer("chunk", 128, "Chunk size (12B: 128).")
+    flags.DEFINE_integer("batch", 1, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("heads", 128, "Mamba heads (12B: 128).", lower_bound=1)
+    flags.DEFINE_integer("head_dim", 80, "Mamba head dim (12B: 80).", lower_bound=1)
+    flags.DEFINE_integer("state", 128, "SSM state size (12B: 128).", lower_bound=1)
+    flags.DEFINE_integer("groups", 8, "B/C groups (12B: 8).", lower_bound=1)
+    flags.DEFINE_integer("chunk", 128, "Chunk size (12B: 128).", lower_bound=1)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of x, B, C.")
-    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).")
-    flags.DEFINE_float("max_seconds", 30.0, "Skip longer lengths once a call takes longer.")
+    flags.DEFINE_integer("repeats", 3, "Timed calls per point (median reported).", lower_bound=1)
+    flags.DEFINE_float("max_seconds", 30.0, "Skip longer lengths once a call takes longer.", lower_bound=0.0)
     flags.DEFINE_string("json", None, "Write results as JSON here.")
 
 
 IMPLS = ("chunked", "pallas", "pallas_xla_bwd", "sequential")
+MODES = ("fwd", "fwd_bwd")
 # Implementations whose forward is another's: timed in fwd_bwd mode only.
 BACKWARD_ONLY = ("pallas_xla_bwd",)
 
@@ -74,7 +79,7 @@ def make_fn(impl, chunk):
         return lambda x, dt, A, B, C: ssd_pallas(x, dt, A, B, C, chunk_size=chunk, backward="chunked")
     if impl == "sequential":
         return lambda x, dt, A, B, C: ssd_sequential(x, dt, A, B, C)
-    raise app.UsageError(f"--impls: unknown implementation {impl!r}")
+    raise cli.UsageError(f"--impls: unknown implementation {impl!r}; use {', '.join(IMPLS)}")
 
 
 def make_inputs(b, l, h, p, n, g, dtype):
@@ -142,27 +147,53 @@ def format_row(r) -> str:
     return lead + f"{r['seconds'] * 1e3:>12.1f}{rel:>12}{r['gflops_per_s']:>10.1f}"
 
 
+def parse_lengths(values) -> list[int]:
+    """--lengths values as positive ints (UsageError naming the bad one)."""
+    lengths = []
+    for v in values:
+        try:
+            lengths.append(int(v))
+        except ValueError:
+            raise cli.UsageError(f"--lengths: {v!r} is not an integer") from None
+        cli_checks.require(lengths[-1] >= 1, "--lengths", f"must be >= 1, got {lengths[-1]}")
+    cli_checks.require(bool(lengths), "--lengths", "needs at least one length")
+    return lengths
+
+
+def check_choices(flag: str, values, choices) -> list[str]:
+    values = list(values)
+    for v in values:
+        cli_checks.require(v in choices, flag, f"unknown value {v!r}; use {', '.join(choices)}")
+    cli_checks.require(bool(values), flag, "needs at least one value")
+    return values
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    impls = list(flags.FLAGS.impls)
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    F = flags.FLAGS
+    # Everything is checked before anything is compiled.
+    impls = check_choices("--impls", F.impls, IMPLS)
+    modes = check_choices("--modes", F.modes, MODES)
+    lengths = parse_lengths(F.lengths)
+    cli_checks.require(F.heads % F.groups == 0, "--groups", f"{F.groups} does not divide --heads={F.heads}")
+    if F.json:
+        cli_checks.output_file("--json", F.json)
     if "chunked" in impls:  # the baseline is timed first at each point
         impls.remove("chunked")
         impls.insert(0, "chunked")
-    dims = dict(b=flags.FLAGS.batch, h=flags.FLAGS.heads, p=flags.FLAGS.head_dim, n=flags.FLAGS.state, g=flags.FLAGS.groups,
-                cs=flags.FLAGS.chunk)
+    dims = dict(b=F.batch, h=F.heads, p=F.head_dim, n=F.state, g=F.groups, cs=F.chunk)
     device = jax.devices()[0]
-    print(f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={flags.FLAGS.dtype}")
+    print(f"backend={jax.default_backend()} device={device.device_kind} dims={dims} dtype={F.dtype}")
     print(HEADER, flush=True)
-    rows = run(impls, [int(v) for v in flags.FLAGS.lengths], list(flags.FLAGS.modes), **dims,
-               dtype=jnp.dtype(flags.FLAGS.dtype), repeats=flags.FLAGS.repeats, max_seconds=flags.FLAGS.max_seconds,
-               on_row=lambda r: print(format_row(r), flush=True))
-    if flags.FLAGS.json:
-        with open(flags.FLAGS.json, "w") as f:
-            json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims,
-                           dtype=flags.FLAGS.dtype, rows=rows), f, indent=2)
+    rows = run(impls, lengths, modes, **dims, dtype=jnp.dtype(F.dtype), repeats=F.repeats,
+               max_seconds=F.max_seconds, on_row=lambda r: print(format_row(r), flush=True))
+    if F.json:
+        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
+        with open(F.json, "w") as f:
+            json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims, dtype=F.dtype,
+                           rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -4,7 +4,8 @@
     python -m eval.demo --video clip.mp4 --question "..." --checkpoint DIR
     python -m eval.demo --image photo.png --question "..." --checkpoint DIR
     python -m eval.demo --checkpoint LM_DIR --question "..."     # text-only LM
-    python -m eval.demo --config.max_frames=32                   # override config fields
+    python -m eval.demo --config.max_frames=32 --config.fps=2.0  # override config fields
+    python -m eval.demo --help                                   # flags and config fields
 
 With no arguments it writes a short procedurally generated clip to a
 temporary directory and answers with the tiny **randomly initialised,
@@ -12,6 +13,9 @@ untrained** VLM of configs/tiny_vlm.py and a byte-level tokenizer: nothing
 is downloaded or prepared, and the answer is noise. It shows the whole path
 running: decoding and sampling frames, tubelets, the vision tower, visual
 tokens scattered into the prompt, prefill and jitted decoding.
+
+Paths, the checkpoint directory and config values are checked before the
+model is built; an error prints one line (`--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 import configs
-from eval.inputs import encode, image_inputs, load_model, video_inputs
+from eval.inputs import check_generation_config, check_model_source, encode, image_inputs, load_model, video_inputs
+from hybridvlm import cli, cli_checks
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
 
@@ -45,14 +50,27 @@ def define_flags() -> None:
     flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
 
 
+def check_args(cfg, checkpoint=None, video=None, image=None) -> None:
+    """Checks the inputs without building the model: UsageError / cli.InputError naming the flag."""
+    if video is not None and image is not None:
+        raise cli.UsageError("--video, --image: give one of them, not both")
+    check_generation_config(cfg)
+    is_vlm = check_model_source(cfg, checkpoint)
+    if not is_vlm and (video is not None or image is not None):
+        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; it takes no --video/--image")
+    if video is not None:
+        cli_checks.media_file("--video", video)
+    if image is not None:
+        cli_checks.media_file("--image", image)
+
+
 def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
+    check_args(cfg, checkpoint, video, image)
     model, tok, label = load_model(cfg, checkpoint)
     question = cfg.question if question is None else question
     tcfg = model.text_config
     inputs, info = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        if video is not None and image is not None:
-            raise app.UsageError("give --video or --image, not both")
         if isinstance(model, NemotronHVLModel) and image is not None:
             text, pixels, info = image_inputs(model, tok, image, question)
             inputs["pixel_values"] = pixels
@@ -65,14 +83,11 @@ def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
             inputs["pixel_values_videos"] = pixels
             info.update(vinfo)
         else:
-            if video is not None or image is not None:
-                raise app.UsageError(f"{checkpoint} is a text-only language model; it takes no --video/--image")
             text = question
     ids = encode(model, tok, text)
     input_ids = jnp.asarray([ids], jnp.int32)
     mask = jnp.ones_like(input_ids)
-    if hasattr(model, "check_inputs"):
-        model.check_inputs(input_ids, **inputs)
+    model.check_inputs(input_ids, mask, **inputs)
 
     # Prefill alone (vision tower included), compiled ahead so the timing excludes compilation.
     graphdef, state = nnx.split(model)
@@ -102,7 +117,9 @@ def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.json:
+        cli_checks.output_file("--json", flags.FLAGS.json)
     r = run(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.video, flags.FLAGS.question, flags.FLAGS.image)
     print(f"model    : {r['model']}")
     print(f"backend  : {r['backend']}")
@@ -117,10 +134,10 @@ def main(argv):
     print(f"prefill  : {r['prefill_s'] * 1e3:.1f} ms (compiled ahead: {r['prefill_compile_s']:.2f} s)")
     print(f"generate : {r['generate_s']:.2f} s for {len(r['answer_ids'])} steps incl. compilation")
     if flags.FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.json)), exist_ok=True)
         with open(flags.FLAGS.json, "w") as f:
             json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -188,7 +188,7 @@ def summarize(scores, kinds: str | Sequence[str] | None = None, *, mass: float =
     """Everything the analysis reports, JSON-ready (NaN -> None).
 
     Args:
-      scores: (L, b, V) from `layerwise_scores` (or a list of such arrays for
+      scores: (L, b, V) from `NemotronHForCausalLM.layerwise_visual_scores` (or a list of such arrays for
         groups of examples with different V).
       kinds: per-layer kind chars ("M", "*", "-"), e.g. the LM's pattern.
       mass: score mass for the sparsity; frac: top fraction for the overlap.

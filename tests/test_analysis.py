@@ -14,7 +14,7 @@ from flax import nnx
 from hybridvlm.cache import Layout
 from hybridvlm.lm import NemotronHForCausalLM
 from reduction import analysis
-from reduction.analysis import layerwise_scores, mass_fraction, spearman, stability_matrices, summarize, topk_overlap
+from reduction.analysis import mass_fraction, spearman, stability_matrices, summarize, topk_overlap
 from reduction.scores import ScoreConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,8 @@ def test_layerwise_scores_match_manual_loop(tiny_config):
     lm, h, layout, visual = _lm_inputs(tiny_config)
     cfg = ScoreConfig(max_query=6)
     graphdef, state = nnx.split(lm)
-    f = jax.jit(lambda s, h, layout, v: layerwise_scores(nnx.merge(graphdef, s), h, layout, v, cfg, num_visual=10))
+    f = jax.jit(lambda s, h, layout, v: nnx.merge(graphdef, s).layerwise_visual_scores(h, layout, v, cfg,
+                                                                                        num_visual=10))
     scores = np.asarray(f(state, h, layout, visual))
     assert scores.shape == (lm.num_layers, 2, 10) and scores.dtype == np.float32
     ref = jax.jit(lambda s, h, layout, v: _manual_scores(nnx.merge(graphdef, s), h, layout, v, cfg))
@@ -130,11 +131,8 @@ def test_layerwise_scores_match_manual_loop(tiny_config):
     # Layers differ (the hidden states change with depth).
     assert not np.allclose(scores[0], scores[-1])
 
-    # Without num_visual the count comes from the concrete mask, which must be equal per row.
-    with pytest.raises(ValueError, match="same number"):
-        layerwise_scores(lm, h, layout, visual.at[0, 0].set(True), cfg)
-    with pytest.raises(ValueError, match="static num_visual"):
-        jax.jit(lambda s, v: layerwise_scores(nnx.merge(graphdef, s), h, layout, v, cfg))(state, visual)
+    with pytest.raises(ValueError, match="at least one visual token"):
+        lm.layerwise_visual_scores(h, layout, visual, cfg, num_visual=0)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
-def _word_tokenizer(path, specials=()):
+def word_tokenizer(path, specials=()):
     """Words w0..w249 -> ids 0..249, [UNK] 253; `specials` (token, id) pairs kept whole."""
     vocab = {f"w{i}": i for i in range(250)}
     vocab["[UNK]"] = 253
@@ -50,7 +50,7 @@ def test_demo_with_vlm_checkpoint_and_video(tmp_path):
 
     ckpt = tmp_path / "vlm"
     shutil.copytree(os.path.join(FIXTURES, "vlm", "omni_video"), ckpt)
-    _word_tokenizer(ckpt / "tokenizer.json", specials=(("<image>", 250), ("<img>", 251), ("</img>", 252)))
+    word_tokenizer(ckpt / "tokenizer.json", specials=(("<image>", 250), ("<img>", 251), ("</img>", 252)))
     video = tmp_path / "clip.avi"
     write_test_clip(str(video), num_frames=30, fps=10)
     cfg = tiny_vlm.get_config()
@@ -65,7 +65,7 @@ def test_demo_with_vlm_checkpoint_and_video(tmp_path):
 def test_demo_with_text_only_checkpoint(tmp_path):
     ckpt = tmp_path / "lm"
     shutil.copytree(os.path.join(FIXTURES, "nemotron_h", "hybrid_g2"), ckpt)
-    _word_tokenizer(ckpt / "tokenizer.json")
+    word_tokenizer(ckpt / "tokenizer.json")
     cfg = tiny_vlm.get_config()
     cfg.max_new_tokens = 4
     r = demo.run(cfg, str(ckpt), question="w5 w17 w33")
