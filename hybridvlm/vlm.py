@@ -323,8 +323,9 @@ class NemotronHVLModel(nnx.Module):
         embeds = self.video_embeddings(pixel_values_videos).reshape(v, tubelets, per_tubelet, -1)
         is_visual, slots = self._is_visual(input_ids), self._slots(input_ids, attention_mask)
         # Which tubelets are real: a slot filled by a real (unmasked) placeholder.
-        real_slot = jnp.zeros((v * tubelets * per_tubelet,), bool).at[
-            jnp.where(is_visual & attention_mask.astype(bool), slots, -1).reshape(-1)].set(True, mode="drop")
+        n_slots = v * tubelets * per_tubelet  # out of range: dropped (a negative index would wrap)
+        real_slot = jnp.zeros((n_slots,), bool).at[
+            jnp.where(is_visual & attention_mask.astype(bool), slots, n_slots).reshape(-1)].set(True, mode="drop")
         real_tubelets = real_slot.reshape(v, tubelets, per_tubelet).any(axis=-1).sum(axis=1)  # (v,)
         retained = jax.vmap(lambda e, n: evs_retention_mask(e, rate, num_real=n))(embeds, real_tubelets)
         keep = ~is_visual | jnp.take(retained.reshape(-1), slots)
