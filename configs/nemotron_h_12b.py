@@ -4,7 +4,13 @@
 hidden 5120, 40 query / 8 KV heads of 128, MLP 20480 (squared ReLU),
 Mamba-2 128 heads x 80, d_state 128, 8 groups, conv 4, chunk 128,
 vocab 131072. Real weights come from the HF checkpoint's config.json; this
-file is for shape checks and ahead-of-time compilation without the weights.
+file is for shape checks and ahead-of-time compilation without the weights
+(`python -m eval.bench_memory` compiles its long-video prefill).
+
+Memory of long prefills (`seq_block`, `ssd_chunk_group`: the LMConfig
+defaults, spelled out): a 32k-token prefill runs every layer in 3 blocks of
+~11k tokens and the SSD in groups of 32 chunks (4096 tokens), so its
+temporaries are one block's and do not grow with depth.
 """
 
 import ml_collections
@@ -29,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         n_groups=8,
         conv_kernel=4,
         chunk_size=128,
+        seq_block=16384,
+        ssd_chunk_group=32,
         time_step_limit=(0.001, float("inf")),
         layer_norm_epsilon=1e-5,
     )

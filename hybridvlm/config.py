@@ -27,7 +27,13 @@ _HF_BLOCK_NAMES = {
 }
 
 SSD_IMPLS = ("auto", "chunked", "sequential", "pallas")
+# Matmul precision of the Pallas SSD kernels (hybridvlm.kernels.ssd_layout.PRECISIONS).
+SSD_PRECISIONS = ("default", "highest")
 ATTENTION_IMPLS = ("auto", "blockwise", "naive")
+# Defaults of the memory fields `LMConfig.ssd_chunk_group` (chunks per group of
+# the chunked SSD) and `LMConfig.seq_block` (tokens per block of a long sequence).
+SSD_CHUNK_GROUP = 32
+SEQ_BLOCK = 16384
 
 
 class ConfigError(ValueError):
@@ -71,9 +77,19 @@ class LMConfig:
     eos_token_id: tuple[int, ...] = (2,)
     # Implementation choices (do not change the math).
     ssd_impl: str = "auto"
+    # Pallas SSD kernels' matmuls: "default" = bf16 passes on TPU, TF32 on GPU
+    # (as XLA's matmuls at JAX's default); "highest" = float32 (slower).
+    ssd_precision: str = "default"
     attention_impl: str = "auto"
     attention_block_q: int = 512
     attention_block_k: int = 512
+    # Memory of long sequences (neither changes the math): the chunked SSD
+    # runs its chunks in groups of `ssd_chunk_group` chunks (0: one group), and
+    # the MLP, Mamba and attention layers run in blocks of about `seq_block`
+    # tokens once a sequence is longer (0: never; balanced blocks, Mamba's
+    # rounded up to whole chunks). See hybridvlm/ops/blocks.py.
+    ssd_chunk_group: int = SSD_CHUNK_GROUP
+    seq_block: int = SEQ_BLOCK
 
     def __post_init__(self):
         self.validate()
@@ -113,6 +129,10 @@ class LMConfig:
             "MoE layers ('E') are not supported yet by hybridvlm",
         )
         need(self.ssd_impl in SSD_IMPLS, "ssd_impl", f"must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
+        need(self.ssd_precision in SSD_PRECISIONS, "ssd_precision",
+             f"must be one of {SSD_PRECISIONS}, got {self.ssd_precision!r}")
+        need(self.ssd_chunk_group >= 0, "ssd_chunk_group", f"must be >= 0 (0: one group), got {self.ssd_chunk_group}")
+        need(self.seq_block >= 0, "seq_block", f"must be >= 0 (0: no blocks), got {self.seq_block}")
         need(
             self.attention_impl in ATTENTION_IMPLS,
             "attention_impl",

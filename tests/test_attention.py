@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybridvlm.cache import Layout
+from hybridvlm.cache import KVCache, Layout
 from hybridvlm.config import LMConfig
 from hybridvlm.layers.attention import Attention
 from hybridvlm.layers.rope import apply_rope
@@ -220,3 +220,37 @@ def test_long_prefill_memory_is_linear():
     assert naive > 4 * GiB, f"naive prefill at {t} tokens reports only {naive / GiB:.2f} GiB temp"
     # And "auto" picks the blockwise path at this length.
     assert _compiled_attention_temp_bytes("auto", t) < 4 * GiB
+
+
+# --------------------------------------------------------------------------
+# Query blocks of the layer (LMConfig.seq_block): same values.
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["naive", "blockwise"])
+@pytest.mark.parametrize("rope_theta", [None, 10_000.0])
+def test_layer_query_blocks_match_unblocked(impl, rope_theta):
+    """seq_block=5 over 13 tokens: 3 query blocks, the last padded; left padding;
+    prefill into a cache, then a decode step (shorter than a block)."""
+    cfg = LMConfig(vocab_size=8, hidden_size=32, pattern="*", num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=8, rope_theta=rope_theta, attention_impl=impl, attention_block_q=2, attention_block_k=3)
+    whole = Attention(cfg, rngs=nnx.Rngs(0))
+    blocked = Attention(cfg.replace(seq_block=5), rngs=nnx.Rngs(0))  # same parameters
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 13, 32)), jnp.float32)
+    mask = jnp.asarray(np.arange(13)[None] >= np.array([[0], [4]]))
+    layout = Layout.prompt(mask)
+    cache = KVCache.zeros(2, 16, 2, 8, jnp.float32)
+
+    @jax.jit
+    def run(state_a, state_b, x, layout, cache):
+        a, b = nnx.merge(nnx.graphdef(whole), state_a), nnx.merge(nnx.graphdef(blocked), state_b)
+        return a(x, layout, cache), b(x, layout, cache)
+
+    (ya, ca), (yb, cb) = run(nnx.state(whole), nnx.state(blocked), x, layout, cache)
+    rows = np.asarray(mask)
+    assert err_on_valid(yb, ya, rows) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(cb.k), np.asarray(ca.k))
+    # A decode step after the blocked prefill: one token, never blocked.
+    step = Layout(index=jnp.full((2, 1), 13), valid=jnp.ones((2, 1), bool),
+                  rope_pos=jnp.asarray([[13], [9]]), decode=True)
+    (da, _), (db, _) = run(nnx.state(whole), nnx.state(blocked), x[:, -1:], step, ca)
+    assert np.max(np.abs(np.asarray(db) - np.asarray(da))) <= 1e-5

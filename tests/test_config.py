@@ -199,3 +199,28 @@ def test_from_dict_unknown_field():
     d["bogus_field"] = 1
     with pytest.raises(ConfigError, match="bogus_field"):
         LMConfig.from_dict(d)
+
+
+def test_ssd_precision_is_checked_and_reaches_the_pallas_kernels(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from conftest import tiny_config
+    from hybridvlm import NemotronHForCausalLM
+    from hybridvlm.kernels import ssd_pallas as kernels
+
+    with pytest.raises(ConfigError, match="ssd_precision"):
+        tiny_config(ssd_precision="fast")
+    seen = []
+    real = kernels.ssd_pallas
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "ssd_pallas", spy)
+    model = NemotronHForCausalLM(tiny_config(pattern="M", ssd_impl="pallas", ssd_precision="highest"),
+                                 rngs=nnx.Rngs(0))
+    jax.eval_shape(lambda ids: model(ids), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    assert seen == ["highest"]

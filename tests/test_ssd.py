@@ -257,3 +257,73 @@ def test_bad_chunk_size_is_named():
         ssd(x, dt, A, B, C, chunk_size=0, impl="chunked")
     y, _ = ssd(x, dt, A, B, C, chunk_size=np.int64(8), impl="chunked")  # numpy ints are fine
     assert y.shape == x.shape
+
+
+# --------------------------------------------------------------------------
+# Chunk groups (memory bound of long sequences): same values.
+# --------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("chunk_group",))
+def _grouped_and_sequential(x, dt, A, B, C, s0, *, chunk_group):
+    grouped = ssd_chunked(x, dt, A, B, C, chunk_size=8, initial_state=s0, chunk_group=chunk_group)
+    return grouped, ssd_sequential(x, dt, A, B, C, initial_state=s0)
+
+
+@pytest.mark.parametrize("chunk_group", [1, 2, 3])
+@pytest.mark.parametrize("l", [37, 64, 101])
+def test_chunk_groups_match_sequential(l, chunk_group):
+    """Several groups of chunk_group chunks of 8, lengths not divisible by a group
+    (nor by a chunk), with a random initial state."""
+    x, dt, A, B, C, s0 = make_inputs(20 + l, l=l, g=2, with_state=True)
+    (yg, sg), (ys, ss) = _grouped_and_sequential(x, dt, A, B, C, s0, chunk_group=chunk_group)
+    assert yg.shape == ys.shape and sg.shape == ss.shape
+    assert yg.dtype == jnp.float32 and sg.dtype == jnp.float32
+    assert scaled_err(yg, ys) <= 1e-5
+    assert scaled_err(sg, ss) <= 1e-5
+
+
+def test_long_single_group_matches_sequential():
+    """70 chunks in one group (chunk_group=0), the last one partial."""
+    x, dt, A, B, C, s0 = make_inputs(33, b=1, l=557, g=2, with_state=True)
+    (yg, sg), (ys, ss) = _grouped_and_sequential(x, dt, A, B, C, s0, chunk_group=0)
+    assert scaled_err(yg, ys) <= 1e-5
+    assert scaled_err(sg, ss) <= 1e-5
+
+
+def test_chunk_groups_equal_one_group_and_bfloat16():
+    x, dt, A, B, C, s0 = make_inputs(30, l=53, g=2, with_state=True)
+    bf = lambda v: jnp.asarray(v, jnp.bfloat16)
+    run = jax.jit(lambda g, *a: ssd_chunked(*a, chunk_size=8, initial_state=s0, chunk_group=g), static_argnums=0)
+    for args in ((x, dt, A, B, C), (bf(x), dt, A, bf(B), bf(C))):
+        (y1, s1), (y2, s2), (y0, s0_) = run(2, *args), run(None, *args), run(0, *args)
+        assert scaled_err(y1, y2) <= 1e-5 and scaled_err(s1, s2) <= 1e-5
+        np.testing.assert_array_equal(np.asarray(y0), np.asarray(y2))  # 0 and None: one group
+
+
+def test_chunk_group_gradients_match_sequential():
+    x, dt, A, B, C, s0 = make_inputs(31, l=37, g=2, with_state=True)
+    rng = np.random.default_rng(32)
+    wy = rng.standard_normal(x.shape).astype(np.float32)
+    ws = rng.standard_normal(s0.shape).astype(np.float32)
+
+    def loss(fn, *args):
+        y, s = fn(*args[:5], initial_state=args[5])
+        return jnp.sum(y * wy) + jnp.sum(s * ws)
+
+    grouped = functools.partial(ssd_chunked, chunk_size=8, chunk_group=2)  # 3 groups, the last padded
+    argnums = tuple(range(6))
+    gg = jax.jit(jax.grad(functools.partial(loss, grouped), argnums))(x, dt, A, B, C, s0)
+    gs = jax.jit(jax.grad(functools.partial(loss, ssd_sequential), argnums))(x, dt, A, B, C, s0)
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "initial_state"), gg, gs):
+        assert np.max(np.abs(b)) > 1e-2, name
+        assert scaled_err(a, b) <= 1e-4, name
+
+
+def test_dispatch_passes_chunk_group(monkeypatch):
+    seen = []
+    real = ssd_module.ssd_chunked
+    monkeypatch.setattr(ssd_module, "ssd_chunked", lambda *a, **k: seen.append(k["chunk_group"]) or real(*a, **k))
+    x, dt, A, B, C, _ = make_inputs(9, b=1, l=20, g=2)
+    y, _ = ssd(x, dt, A, B, C, chunk_size=4, impl="chunked", chunk_group=2)
+    assert seen == [2]
+    want, _ = numpy_ssd(x, dt, A, B, C)
+    assert scaled_err(y, want) <= 1e-5

@@ -2,6 +2,10 @@
 
 Nemotron-H attention: q/k/v/o projections without bias, no positional
 encoding (RoPE only when `rope_theta` is set), softmax scale head_dim**-0.5.
+
+Keys and values are projected for the whole sequence (the cache holds them);
+queries, the attention and the output projection run in blocks of
+`seq_block` queries when the sequence is longer.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from hybridvlm.config import LMConfig
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.rope import apply_rope
 from hybridvlm.ops.attention import attention
+from hybridvlm.ops.blocks import map_blocks
+from hybridvlm.ops.dense import dense
 
 
 class Attention(nnx.Module):
@@ -25,15 +31,19 @@ class Attention(nnx.Module):
         self.v = normal_param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.o = normal_param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
+    def project_q(self, x, rope_pos):
+        """Queries (b, t, n, h) of x's tokens (RoPE at rope_pos (b, t) if configured)."""
+        q = dense("btd,dnh->btnh", x, self.q[...])
+        return q if self.cfg.rope_theta is None else apply_rope(q, rope_pos, self.cfg.rope_theta)
+
+    def project_k(self, x, rope_pos):
+        """Keys (b, t, kv, h) of x's tokens (RoPE at rope_pos if configured)."""
+        k = dense("btd,dkh->btkh", x, self.k[...])
+        return k if self.cfg.rope_theta is None else apply_rope(k, rope_pos, self.cfg.rope_theta)
+
     def project_qk(self, x, layout: Layout):
         """Queries (b, t, n, h) and keys (b, t, kv, h) of x's tokens (RoPE applied if configured)."""
-        cfg = self.cfg
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
-        if cfg.rope_theta is not None:
-            q = apply_rope(q, layout.rope_pos, cfg.rope_theta)
-            k = apply_rope(k, layout.rope_pos, cfg.rope_theta)
-        return q, k
+        return self.project_q(x, layout.rope_pos), self.project_k(x, layout.rope_pos)
 
     def __call__(self, x, layout: Layout, cache: KVCache | None = None):
         """Attends x's tokens to themselves, or to the cache plus themselves.
@@ -48,22 +58,28 @@ class Attention(nnx.Module):
           y (b, t, d) and the updated cache (or None).
         """
         cfg = self.cfg
-        q, k = self.project_qk(x, layout)
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
-        attend = lambda q_pos, k_, v_, k_pos, k_valid: attention(
-            q, k_, v_, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
-            scale=cfg.head_dim ** -0.5, impl=cfg.attention_impl,
-            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
-        )
+        k = self.project_k(x, layout.rope_pos)
+        v = dense("btd,dkh->btkh", x, self.v[...])
         if not layout.decode:
-            out = attend(layout.index, k, v, layout.index, layout.valid)
+            keys = (k, v, layout.index, layout.valid)
+            q_pos = layout.index
             if cache is not None:
                 cache = cache.write(k, v, layout.valid)
         else:
             # Slots are in sequence order: x's slots follow every cached one.
             b, t = layout.valid.shape
-            q_slot = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
+            q_pos = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
             cache = cache.write(k, v, layout.valid)
             slots = jnp.broadcast_to(jnp.arange(cache.size, dtype=jnp.int32), cache.valid.shape)
-            out = attend(q_slot, cache.k, cache.v, slots, cache.valid)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache
+            keys = (cache.k, cache.v, slots, cache.valid)
+
+        def attend(_, xb, q_pos_b, rope_b):
+            """One block of queries: (b, i, d) -> (b, i, d)."""
+            k_, v_, k_pos, k_valid = keys
+            out = attention(self.project_q(xb, rope_b), k_, v_, q_pos=q_pos_b, k_pos=k_pos, k_valid=k_valid,
+                            scale=cfg.head_dim ** -0.5, impl=cfg.attention_impl,
+                            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+            return None, dense("btnh,nhd->btd", out, self.o[...])
+
+        y, _ = map_blocks(attend, x, q_pos, layout.rope_pos, block=cfg.seq_block)
+        return y, cache

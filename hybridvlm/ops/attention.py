@@ -6,7 +6,8 @@ preallocated cache and (later) pruned sequences alike:
     key j is visible to query i  <=>  k_valid[j] and k_pos[j] <= q_pos[i].
 
 The blockwise path never materialises the (t, s) score matrix: queries are
-processed block by block (`lax.map`), and for each query block the key
+processed block by block (`map_blocks`: a loop writing each block's output
+into one buffer), and for each query block the key
 blocks are folded in with a running max / running sum (`lax.scan`), so
 memory grows linearly with sequence length. Key blocks that are entirely
 masked for a query block (e.g. the future, under causality) are skipped
@@ -18,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+
+from hybridvlm.ops.blocks import map_blocks
 
 # Finite "minus infinity": fully masked rows stay NaN-free (they average the
 # values, like the reference's min-dtype mask; such rows are padding).
@@ -68,16 +71,15 @@ def attention_blockwise(q, k, v, *, q_pos, k_pos, k_valid, scale, block_q=512, b
         k_pos = jnp.pad(k_pos, [(0, 0), (0, pad_s)])
         k_valid = jnp.pad(k_valid, [(0, 0), (0, pad_s)])
 
-    # Leading block axes for lax.map / lax.scan.
-    qb = rearrange(q, "b (c i) (k r) d -> c b i k r d", i=block_q, k=kv)
-    qpb = rearrange(q_pos, "b (c i) -> c b i", i=block_q)
+    # Leading block axes for the key loop (lax.scan).
     kb = rearrange(k, "b (c j) k d -> c b j k d", j=block_k)
     vb = rearrange(v, "b (c j) k d -> c b j k d", j=block_k)
     kpb = rearrange(k_pos, "b (c j) -> c b j", j=block_k)
     kvb = rearrange(k_valid, "b (c j) -> c b j", j=block_k)
 
-    def one_query_block(args):
-        qi, qpi = args  # (b, i, k, r, d), (b, i)
+    def one_query_block(_, qi, qpi):
+        """(b, i, n, d) queries at positions (b, i) -> their output (b, i, n, d)."""
+        qi = rearrange(qi, "b i (k r) d -> b i k r d", k=kv)
 
         def fold_key_block(carry, key_block):
             kj, vj, kpj, kvj = key_block
@@ -102,10 +104,10 @@ def attention_blockwise(q, k, v, *, q_pos, k_pos, k_valid, scale, block_q=512, b
         (_, l, acc), _ = jax.lax.scan(fold_key_block, init, (kb, vb, kpb, kvb))
         # l >= 1 wherever a key was seen; rows that saw none are padding.
         out = acc / jnp.maximum(l, 1e-30)[..., None]
-        return rearrange(out, "b k r i d -> b i (k r) d").astype(q.dtype)
+        return None, rearrange(out, "b k r i d -> b i (k r) d").astype(q.dtype)
 
-    out = jax.lax.map(one_query_block, (qb, qpb))  # (c, b, i, n, d)
-    return rearrange(out, "c b i n d -> b (c i) n d")[:, :t]
+    out, _ = map_blocks(one_query_block, q, q_pos, block=block_q)  # (b, t + pad_t, n, d)
+    return out[:, :t]
 
 
 def attention(q, k, v, *, q_pos, k_pos, k_valid, scale, impl="auto", block_q=512, block_k=512):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from hybridvlm.config import SSD_CHUNK_GROUP
 from hybridvlm.ssd.chunked import ssd_chunked
 from hybridvlm.ssd.reference import ssd_sequential, ssd_step
 from hybridvlm.ssd.shapes import check_inputs
@@ -35,12 +36,18 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     return "chunked" if backend == "cpu" else "pallas"
 
 
-def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto"):
+def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto", chunk_group=SSD_CHUNK_GROUP,
+        precision="default"):
     """Mamba-2 SSD without the D skip.
 
     Args:
       x: (b, l, h, p); dt: (b, l, h) after softplus/clamp; A: (h,) negative.
       B, C: (b, l, g, n); initial_state: (b, h, p, n) or None.
+      chunk_group: chunks per group of the chunked path (its memory bound;
+        see `ssd_chunked`); the other paths ignore it.
+      precision: matmul precision of the Pallas kernels ("default": bf16
+        passes on TPU, TF32 on GPU; "highest": float32); the XLA paths use
+        JAX's default matmul precision.
     Returns:
       y (b, l, h, p) float32 and final state (b, h, p, n) float32.
     """
@@ -51,5 +58,5 @@ def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto"):
     if impl == "pallas":
         from hybridvlm.kernels.ssd_pallas import ssd_pallas  # Pallas import only when used.
 
-        return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
-    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
+        return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, precision=precision)
+    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, chunk_group=chunk_group)

@@ -7,6 +7,12 @@ between chunks only the (head_dim x d_state) states travel, through the
 linear recurrence S_c = exp(sum_chunk dt A) S_{c-1} + U_c, run here with
 `lax.scan` (memory linear in the number of chunks).
 
+Chunks are processed in groups of `chunk_group` chunks, one group after the
+other, carrying the state: the decay kernels and C.B products of a group are
+its temporaries, so memory no longer grows with the length (one group: the
+same computation as without groups). The state carried between groups is
+the one carried between chunks, so grouping does not change the math.
+
 Lengths that are not a multiple of `chunk_size` are padded with dt = 0 and
 x = 0: such steps neither decay nor feed the state, so the final state is
 exact.
@@ -18,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from hybridvlm.config import SSD_CHUNK_GROUP
+from hybridvlm.ops.blocks import map_blocks
 
-def ssd_chunked(x, dt, A, B, C, *, chunk_size, initial_state=None):
+
+def ssd_chunked(x, dt, A, B, C, *, chunk_size, initial_state=None, chunk_group=SSD_CHUNK_GROUP):
     """Chunked SSD forward.
 
     Args:
@@ -27,9 +36,27 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, initial_state=None):
       B, C: (b, l, g, n) with g dividing h (heads [g*r, (g+1)*r) share group g).
       chunk_size: static chunk length.
       initial_state: (b, h, p, n) or None for zeros.
+      chunk_group: static chunks per group (None or 0: all in one group).
     Returns:
       y (b, l, h, p) float32 (no D skip) and final state (b, h, p, n) float32.
     """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    group = chunk_group * chunk_size if chunk_group else None
+    if group is None or l <= group:
+        return _ssd_group(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state)
+    s0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+
+    def one_group(state, xg, dtg, Bg, Cg):
+        y, state = _ssd_group(xg, dtg, A, Bg, Cg, chunk_size=chunk_size, initial_state=state)
+        return state, y
+
+    # Zero padding of the last group is exact (dt = 0: no decay, no input).
+    return map_blocks(one_group, x, dt, B, C, block=group, align=chunk_size, carry=s0)
+
+
+def _ssd_group(x, dt, A, B, C, *, chunk_size, initial_state):
+    """`ssd_chunked` over all of x's chunks at once (same arguments and result)."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     pad = (-l) % chunk_size
