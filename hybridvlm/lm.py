@@ -41,7 +41,8 @@ class Block(nnx.Module):
         elif kind == ATTENTION:
             self.mixer = Attention(cfg, rngs=rngs, dtype=dtype)
         elif kind == MLP:
-            self.mixer = MLPMixer(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
+            self.mixer = MLPMixer(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype,
+                                  seq_block=cfg.seq_block)
         else:  # LMConfig.validate rejects other kinds; kept as a guard.
             raise ValueError(f"layer kind {kind!r} is not supported")
 
