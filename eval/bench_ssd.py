@@ -37,7 +37,7 @@ from absl import flags
 
 from eval.timing import timed
 from hybridvlm import cli, cli_checks
-from hybridvlm.kernels.ssd_pallas import ssd_pallas
+from hybridvlm.ssd.pallas import ssd_pallas
 from hybridvlm.ssd import ssd_chunked, ssd_sequential
 
 

@@ -27,7 +27,7 @@ _HF_BLOCK_NAMES = {
 }
 
 SSD_IMPLS = ("auto", "chunked", "sequential", "pallas")
-# Matmul precision of the Pallas SSD kernels (hybridvlm.kernels.ssd_layout.PRECISIONS).
+# Matmul precision of the Pallas SSD kernels (hybridvlm.ssd.pallas.layout.PRECISIONS).
 SSD_PRECISIONS = ("default", "highest")
 ATTENTION_IMPLS = ("auto", "blockwise", "naive")
 # Defaults of the memory fields `LMConfig.ssd_chunk_group` (chunks per group of

@@ -208,18 +208,18 @@ def test_ssd_precision_is_checked_and_reaches_the_pallas_kernels(monkeypatch):
 
     from conftest import tiny_config
     from hybridvlm import NemotronHForCausalLM
-    from hybridvlm.kernels import ssd_pallas as kernels
+    import hybridvlm.ssd as ssd_module
 
     with pytest.raises(ConfigError, match="ssd_precision"):
         tiny_config(ssd_precision="fast")
     seen = []
-    real = kernels.ssd_pallas
+    real = ssd_module.ssd_pallas
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("precision"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "ssd_pallas", spy)
+    monkeypatch.setattr(ssd_module, "ssd_pallas", spy)
     model = NemotronHForCausalLM(tiny_config(pattern="M", ssd_impl="pallas", ssd_precision="highest"),
                                  rngs=nnx.Rngs(0))
     jax.eval_shape(lambda ids: model(ids), jax.ShapeDtypeStruct((1, 8), jnp.int32))

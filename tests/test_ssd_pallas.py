@@ -11,8 +11,8 @@ from flax import nnx
 
 import hybridvlm
 from hybridvlm.cache import Layout
-from hybridvlm.kernels.ssd_layout import round_to_bf16, truncate_to_tf32
-from hybridvlm.kernels.ssd_pallas import GPU_PLAN, TPU_PLAN, TilePlan, ssd_pallas
+from hybridvlm.ssd.pallas.layout import round_to_bf16, truncate_to_tf32
+from hybridvlm.ssd.pallas import GPU_PLAN, TPU_PLAN, TilePlan, ssd_pallas
 from hybridvlm.layers.mamba2 import Mamba2Mixer
 from hybridvlm.ssd import resolve_impl, ssd_sequential
 

@@ -5,7 +5,7 @@
   "chunked":    the chunked state-space-duality algorithm in plain XLA;
   "pallas":     Pallas kernels for the chunk-local work, forward and backward,
                 around associative scans over chunk states
-                (`hybridvlm.kernels.ssd_pallas`); interpret mode on CPU;
+                (`hybridvlm.ssd.pallas`); interpret mode on CPU;
   "auto":       "pallas" on TPU and GPU, "chunked" on CPU.
 All return (y, final_state) and accept an initial state, so a prefill can
 hand its state to decoding.
@@ -17,10 +17,11 @@ import jax
 
 from hybridvlm.config import SSD_CHUNK_GROUP
 from hybridvlm.ssd.chunked import ssd_chunked
+from hybridvlm.ssd.pallas import ssd_pallas
 from hybridvlm.ssd.reference import ssd_sequential, ssd_step
 from hybridvlm.ssd.shapes import check_inputs
 
-__all__ = ["ssd", "ssd_chunked", "ssd_sequential", "ssd_step", "resolve_impl", "IMPLS"]
+__all__ = ["ssd", "ssd_chunked", "ssd_pallas", "ssd_sequential", "ssd_step", "resolve_impl", "IMPLS"]
 
 IMPLS = ("auto", "chunked", "sequential", "pallas")
 
@@ -56,7 +57,5 @@ def ssd(x, dt, A, B, C, *, chunk_size, initial_state=None, impl="auto", chunk_gr
     if impl == "sequential":
         return ssd_sequential(x, dt, A, B, C, initial_state=initial_state)
     if impl == "pallas":
-        from hybridvlm.kernels.ssd_pallas import ssd_pallas  # Pallas import only when used.
-
         return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, precision=precision)
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, chunk_group=chunk_group)

@@ -4,7 +4,7 @@ Per (batch b, head h, chunk c); s = position in chunk, a_cum = cumsum_s(dt A):
 
   kernel 1 y_diag = (C B^T * exp(a_cum_i - a_cum_j) * dt_j * [j <= i]) x
            U_c    = x^T (B * exp(a_last - a_cum) * dt)        (chunk's own end state)
-  XLA      S_c = exp(a_last_c) S_{c-1} + U_c by associative scan (ssd_layout.chunk_states)
+  XLA      S_c = exp(a_last_c) S_{c-1} + U_c by associative scan (layout.chunk_states)
   kernel 2 y = y_diag + exp(a_cum) * (C S_{c-1}^T)             (incoming state)
 """
 
@@ -15,8 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hybridvlm.kernels import ssd_layout as lay
-from hybridvlm.kernels.ssd_layout import F32, dot
+from hybridvlm.ssd.pallas import layout as lay
+from hybridvlm.ssd.pallas.layout import F32, dot
 
 
 def causal_decay(acol, arow):
@@ -33,7 +33,7 @@ def _chunk_local_kernel(x_ref, b_ref, c_ref, acol_ref, arow_ref, dtrow_ref, wcol
     x (s, P); b, c (s, N); acol (s, 1) and arow (1, s): cumulative log-decay;
     dtrow (1, s); wcol (s, 1) = exp(a_last - a_cum) * dt, each step's weight
     in the chunk's end state. Writes y (s, P) and u (P, N). precision: see
-    ssd_layout.PRECISIONS.
+    layout.PRECISIONS.
     """
     x = x_ref[...].astype(F32)
     Bm = b_ref[...].astype(F32)
@@ -48,14 +48,14 @@ def _state_readout_kernel(y_ref, c_ref, acol_ref, s_ref, out_ref, *, precision):
     """One (batch, head, chunk): adds the incoming state's contribution.
 
     y (s, P) intra-chunk output; c (s, N); acol (s, 1); s (P, N) state entering.
-    precision: see ssd_layout.PRECISIONS.
+    precision: see layout.PRECISIONS.
     """
     contrib = dot(c_ref[...].astype(F32), s_ref[...], ((1,), (1,)), precision)  # (s, P)
     out_ref[...] = (y_ref[...] + jnp.exp(acol_ref[...]) * contrib).astype(out_ref.dtype)
 
 
 def ssd_forward(x, dt, A, B, C, initial_state, *, chunk_size, plan, interpret, precision):
-    """Forward pass; shapes and options as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`."""
+    """Forward pass; shapes and options as in `hybridvlm.ssd.pallas.ssd_pallas`."""
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
     o = lay.operands(x, dt, A, B, C, d)
     hb, gb = lay.head_block, lay.group_block(d)

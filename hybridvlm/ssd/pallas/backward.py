@@ -12,7 +12,7 @@ Backward, given dy and the final state's cotangent:
   kernel 1 U_c = x^T (B w)                    (recomputed chunk end states)
            V_c = (exp(a) dy)^T C              (readout cotangent of S_prev)
   XLA      S_prev by the forward scan; dS (cotangent of S_c) by the same
-           associative scan run backwards (ssd_layout.state_cotangents)
+           associative scan run backwards (layout.state_cotangents)
   kernel 2 per chunk: dx, dB, dC, and the cotangents of a and dt
            at each position, as a column part and a row part (reducing the
            (s, s) mixing matrix over rows and over columns yields both; they
@@ -35,16 +35,16 @@ import jax.numpy as jnp
 from einops import rearrange, reduce
 from jax.experimental import pallas as pl
 
-from hybridvlm.kernels import ssd_layout as lay
-from hybridvlm.kernels.ssd_forward import causal_decay
-from hybridvlm.kernels.ssd_layout import F32, dot
+from hybridvlm.ssd.pallas import layout as lay
+from hybridvlm.ssd.pallas.forward import causal_decay
+from hybridvlm.ssd.pallas.layout import F32, dot
 
 
 def _states_kernel(x_ref, b_ref, wcol_ref, dy_ref, c_ref, acol_ref, u_ref, v_ref, *, precision):
     """One (batch, head, chunk): chunk end state U (P, N) and readout cotangent V (P, N).
 
     x, dy (s, P); b, c (s, N); wcol (s, 1) end-state weights; acol (s, 1).
-    precision: see ssd_layout.PRECISIONS.
+    precision: see layout.PRECISIONS.
     """
     Bw = b_ref[...].astype(F32) * wcol_ref[...]
     u_ref[...] = dot(x_ref[...].astype(F32), Bw, ((0,), (0,)), precision)
@@ -66,7 +66,7 @@ def _grad_kernel(x_ref, b_ref, c_ref, dy_ref, acol_ref, arow_ref, dtrow_ref, wco
     Writes dx (s, P), the a_cum and dt cotangents split as (s, 1) column and
     (1, s) row parts, and db, dc (s, N): this head's, or, with `accumulate`
     (grid (b, g, c, r), heads of a group on the last, ordered axis), summed
-    into the group's block. precision: see ssd_layout.PRECISIONS.
+    into the group's block. precision: see layout.PRECISIONS.
     """
     s = x_ref.shape[0]
     x = x_ref[...].astype(F32)
@@ -125,7 +125,7 @@ def ssd_backward(x, dt, A, B, C, initial_state, dy, d_final, *, chunk_size, plan
     """Cotangents of (x, dt, A, B, C, initial_state), each in its input's dtype.
 
     Args: the forward's inputs, dy (b, l, h, p) and d_final (b, h, p, n);
-    options as in `hybridvlm.kernels.ssd_pallas.ssd_pallas`.
+    options as in `hybridvlm.ssd.pallas.ssd_pallas`.
     """
     d = lay.dims_for(x.shape, B.shape, chunk_size, plan)
     o = lay.operands(x, dt, A, B, C, d)

@@ -1,12 +1,12 @@
 """Mamba-2 SSD as Pallas kernels around an associative scan over chunks.
 
-Forward (kernels/ssd_forward.py): per (batch, head, chunk) the chunk-local
+Forward (pallas/forward.py): per (batch, head, chunk) the chunk-local
 output and end state run in Pallas; the inter-chunk recurrence
 S_c = exp(a_last_c) S_{c-1} + U_c runs as `lax.associative_scan` with
 (a1, u1) o (a2, u2) = (a1 a2, a2 u1 + u2); a second kernel adds each
 chunk's incoming-state readout. Cumulative sums stay in XLA.
 
-Backward (kernels/ssd_backward.py), through `jax.custom_vjp`: Pallas kernels
+Backward (pallas/backward.py), through `jax.custom_vjp`: Pallas kernels
 for the per-chunk cotangents around the same scan run backwards over chunks.
 `backward="chunked"` recomputes through the chunked XLA path instead (the
 first implementation; kept as a cross-check and a benchmark baseline).
@@ -16,9 +16,9 @@ Pallas' Triton backend (selected by its compiler params): JAX 0.10's default
 Mosaic GPU lowering of `pallas_call` rejects these block programs (shared
 memory over the limit, 16-byte stride rule for (s, 1) blocks) and is itself
 deprecated for `pallas_call` in favour of `plgpu.kernel`. On CPU the kernels
-run with `interpret=True`. Tiling and padding: kernels/ssd_layout.py.
+run with `interpret=True`. Tiling and padding: pallas/layout.py.
 
-Matmul precision is explicit (`precision=`, see ssd_layout.PRECISIONS):
+Matmul precision is explicit (`precision=`, see layout.PRECISIONS):
 "default" runs the kernels' float32 dots as bf16 MXU passes on TPU and TF32
 on GPU, like XLA's matmuls at JAX's default precision; "highest" keeps
 float32 products on both. On CPU every dot is exact float32 either way.
@@ -31,9 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hybridvlm.kernels.ssd_backward import ssd_backward
-from hybridvlm.kernels.ssd_forward import ssd_forward
-from hybridvlm.kernels.ssd_layout import GPU_PLAN, PRECISIONS, TPU_PLAN, TilePlan, check_precision, plan_for_backend
+from hybridvlm.ssd.pallas.backward import ssd_backward
+from hybridvlm.ssd.pallas.forward import ssd_forward
+from hybridvlm.ssd.pallas.layout import GPU_PLAN, PRECISIONS, TPU_PLAN, TilePlan, check_precision, plan_for_backend
 from hybridvlm.ssd.chunked import ssd_chunked
 from hybridvlm.ssd.shapes import check_inputs
 

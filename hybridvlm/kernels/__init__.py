@@ -1,1 +1,0 @@
-"""Pallas kernels (TPU / GPU; interpret mode on CPU)."""
