@@ -26,6 +26,7 @@ from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.mamba2 import Mamba2Mixer
 from hybridvlm.layers.mlp import MLP as MLPMixer
 from hybridvlm.layers.norm import RMSNorm
+from hybridvlm.ops.dense import dense
 from reduction import prune as rp
 from reduction import scores as rs
 
@@ -78,11 +79,12 @@ class NemotronHForCausalLM(nnx.Module):
     def logits(self, h):
         """(b, t, d) final hidden states -> (b, t, vocab) float32 logits."""
         h = self.final_norm(h)
-        if self.lm_head is None:
-            out = jnp.einsum("btd,vd->btv", h, self.embed[...])
-        else:
-            out = jnp.einsum("btd,dv->btv", h, self.lm_head[...])
-        return out.astype(jnp.float32)
+        w = self.embed[...] if self.lm_head is None else self.lm_head[...]
+        # The head runs in its weight's dtype, as the reference does (the float32
+        # residual is cast to it): a float32 h would promote a bfloat16 head to a
+        # float32 copy (2.5 GiB at the 12B vocabulary).
+        spec = "btd,vd->btv" if self.lm_head is None else "btd,dv->btv"
+        return dense(spec, h.astype(w.dtype), w).astype(jnp.float32)
 
     def run_layers(self, h, layout: Layout, caches=None, *, reduction=None, visual=None):
         """Runs every layer, pruning visual tokens where `reduction` says.
