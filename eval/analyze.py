@@ -37,7 +37,6 @@ of different lengths, frame rates and sizes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tempfile
@@ -52,7 +51,7 @@ from ml_collections import config_flags
 
 import configs
 from eval import inputs
-from hybridvlm import cli, cli_checks
+from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.cache import Layout
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
@@ -199,27 +198,10 @@ def score_examples(model: NemotronHVLModel, examples, score_cfg: ScoreConfig) ->
 # ----------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename onto path (same directory)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _savefig(fig, path):
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    atomic.write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -385,15 +367,20 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
         files["scores"][info["name"]] = path
     if save_scores:
         files["raw_scores"] = os.path.join(out_dir, "scores.npz")
-        _atomic_write(files["raw_scores"],
-                      lambda p: np.savez(open(p, "wb"), **{i["name"]: s for i, s in zip(infos, per_example)}))
+        arrays = {i["name"]: s for i, s in zip(infos, per_example)}
+
+        def save_npz(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
+                np.savez(f, **arrays)
+
+        atomic.write_atomic(files["raw_scores"], save_npz)
 
     result = dict(
         model=label, untrained=untrained, backend=jax.default_backend(), question=question,
         score_config=dataclasses.asdict(score_cfg), pattern=kinds, examples=infos, **summary, files=files,
         timing_s=dict(inputs=t_inputs, scores_incl_compile=t_scores, total=time.perf_counter() - t0),
     )
-    _atomic_write(json_path, lambda p: open(p, "w").write(json.dumps(result, indent=2, allow_nan=False)))
+    atomic.write_json(json_path, result, allow_nan=False)
     if verbose:
         print_table(result)
         print(f"wrote    : {json_path}, {out_dir}/*.png ({result['timing_s']['total']:.1f} s)")

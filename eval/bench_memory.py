@@ -29,7 +29,6 @@ float32 copies), so read it as an estimate of a GPU's, not a measurement.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -41,7 +40,7 @@ from absl import flags
 from flax import nnx
 
 from configs import nemotron_h_12b
-from hybridvlm import cli, cli_checks
+from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.config import ConfigError, LMConfig
 from hybridvlm.lm import NemotronHForCausalLM
 from reduction.plan import progressive
@@ -185,11 +184,9 @@ def main(argv):
     plan = f"; plan = reduction.progressive(num_layers, num_visual, {F.budget:g}) (step)" if F.budget else ""
     print(f"wall time {wall:.1f}s{plan}")
     if F.json:
-        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-        with open(F.json, "w") as f:
-            json.dump(dict(machine=info, config=cfg.to_dict(), tokens_per_frame=tokens_per_frame, text=text,
-                           analysis=f"XLA {info['backend']} compiler memory_analysis()", wall_seconds=wall,
-                           rows=rows), f, indent=2, default=float)
+        atomic.write_json(F.json, dict(machine=info, config=cfg.to_dict(), tokens_per_frame=tokens_per_frame,
+                                       text=text, analysis=f"XLA {info['backend']} compiler memory_analysis()",
+                                       wall_seconds=wall, rows=rows), default=float)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ line (`--debug` for the traceback).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -48,7 +47,7 @@ from ml_collections import config_flags
 
 import configs
 from eval.timing import timed
-from hybridvlm import cli, cli_checks
+from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.cache import Layout
 from hybridvlm.config import ATTENTION, LAYER_CHARS, MAMBA, MLP, ConfigError, LMConfig
 from hybridvlm.lm import NemotronHForCausalLM
@@ -371,13 +370,10 @@ def main(argv):
     print(f"wall time {wall:.1f}s; scoring uses max_query={res['num_query']} query rows; "
           f"ideal = FLOP-model speedup incl. scoring; overhead = (t_score - t_random) / t_score")
     if F.json:
-        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-        with open(F.json, "w") as f:
-            json.dump(dict(machine=info, config=cfg.to_dict(),
-                           prompt=dict(prefix=prefix, num_visual=num_visual, question=question),
-                           repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=F.stage_kinds,
-                           wall_seconds=wall, **res),
-                      f, indent=2, default=float)
+        atomic.write_json(F.json, dict(machine=info, config=cfg.to_dict(),
+                                       prompt=dict(prefix=prefix, num_visual=num_visual, question=question),
+                                       repeats=repeats, budgets=budgets, shapes=shapes, stage_kinds=F.stage_kinds,
+                                       wall_seconds=wall, **res), default=float)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ the traceback).
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,7 @@ import numpy as np
 from absl import flags
 
 from eval.timing import timed
-from hybridvlm import cli, cli_checks
+from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.ssd.pallas import ssd_pallas
 from hybridvlm.ssd import ssd_chunked, ssd_sequential
 
@@ -189,10 +187,8 @@ def main(argv):
     rows = run(impls, lengths, modes, **dims, dtype=jnp.dtype(F.dtype), repeats=F.repeats,
                max_seconds=F.max_seconds, on_row=lambda r: print(format_row(r), flush=True))
     if F.json:
-        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-        with open(F.json, "w") as f:
-            json.dump(dict(backend=jax.default_backend(), device=device.device_kind, dims=dims, dtype=F.dtype,
-                           rows=rows), f, indent=2)
+        atomic.write_json(F.json, dict(backend=jax.default_backend(), device=device.device_kind, dims=dims,
+                                       dtype=F.dtype, rows=rows))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ model is built; an error prints one line (`--debug` for the traceback).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -34,7 +33,7 @@ from ml_collections import config_flags
 
 import configs
 from eval.inputs import check_generation_config, check_model_source, encode, image_inputs, load_model, video_inputs
-from hybridvlm import cli, cli_checks
+from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
 
@@ -134,9 +133,7 @@ def main(argv):
     print(f"prefill  : {r['prefill_s'] * 1e3:.1f} ms (compiled ahead: {r['prefill_compile_s']:.2f} s)")
     print(f"generate : {r['generate_s']:.2f} s for {len(r['answer_ids'])} steps incl. compilation")
     if flags.FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.json)), exist_ok=True)
-        with open(flags.FLAGS.json, "w") as f:
-            json.dump(r, f, indent=2)
+        atomic.write_json(flags.FLAGS.json, r)
 
 
 if __name__ == "__main__":

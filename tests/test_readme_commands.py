@@ -64,6 +64,9 @@ COMMANDS = {
                                 "--groups": "1", "--chunk": "16", "--impls": "chunked", "--modes": "fwd"}),
     "eval.bench_memory": Tiny(set={"--frames": "4"}, add=("--runlocal",)),
     "hybridvlm.convert": Tiny(set={"--hf": "{lm_hf}", "--out": "{new_dir}"}),
+    "hybridvlm.data.prepare_synth": Tiny(set={"--data_dir": "{new_dir}", "--frames": "16", "--train": "2",
+                                              "--validation": "1", "--test": "1"}),
+    "eval.bench_data": Tiny(add=("--runlocal",)),
     "pytest": Tiny(skip="the test suite itself: CI runs it"),
 }
 
@@ -76,7 +79,7 @@ PLACEHOLDERS = {
 }
 # Flags naming files or directories: their README values must be placeholders above (or set by
 # COMMANDS), so a command never reads a path that does not exist or writes into the source tree.
-PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json")
+PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--data_dir")
 
 # Shell segments that set up the environment (CI does that) rather than run the project.
 SETUP = re.compile(r"^(python3? -m venv |\. |source |pip |python -m pip )")

@@ -1,0 +1,118 @@
+"""Prepared examples -> one static-shape batch of a frame bucket (numpy, host side).
+
+Rows follow `hybridvlm.batch.pad_video_batch`: `[pad][masked slots][row prompt]`,
+right-aligned, so every row's prompt ends at the last column, where the logits
+predict the answer letter. Rows missing from a partial batch are *padding rows*
+(`valid` False): only masked placeholders, attention_mask all False, no label.
+
+Batch keys (b rows, L = cfg.row_length(bucket), Bt = bucket tubelets, F = bucket frames):
+  model inputs (placed on devices by `to_device`):
+    input_ids (b, L) int32, attention_mask (b, L) bool,
+    pixel_values_videos (b, Bt, temporal_patch * 3, S, S) float32 (padding tubelets zero),
+    labels (b, L) int32: next-token targets aligned with the logits (labels[r, t] is what
+      logits[r, t] should predict): the answer letter's id at the last column, -100 elsewhere
+      (and on rows without an answer), loss_mask (b, L) bool = labels != -100,
+    valid (b,) bool: False on padding rows.
+  host-side metadata (numpy):
+    uid (b,) str, answer (b,) int32 (-1: none), num_options (b,) int32, task (b,) str,
+    bucket (b,) int32 (frames), num_frames (b,) int32, timestamps (b, F) float32
+    (NaN past num_frames), meta (b,) object (the records' meta mappings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hybridvlm.batch import pad_video_batch
+from hybridvlm.data.pipeline_config import PipelineConfig
+from hybridvlm.data.pipeline_example import Example
+
+IGNORE = -100  # labels value where no loss is taken
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "labels", "loss_mask", "valid")
+HOST_KEYS = ("uid", "answer", "num_options", "task", "bucket", "num_frames", "timestamps", "meta")
+
+
+def _empty_row(cfg: PipelineConfig):
+    c = cfg.temporal_patch * 3
+    return np.zeros((0,), np.int32), np.zeros((0, c, cfg.image_size, cfg.image_size), np.float32)
+
+
+def _layout(cfg: PipelineConfig, rows, bucket: int):
+    return pad_video_batch(rows, bucket=cfg.tubelets(bucket), tokens_per_tubelet=cfg.tokens_per_tubelet,
+                           image_token_id=cfg.image_token_id, pad_token_id=cfg.pad_id, length=cfg.row_length(bucket))
+
+
+def collate(examples: Sequence[Example], bucket: int, cfg: PipelineConfig, rows: int) -> dict[str, np.ndarray]:
+    """The batch of `examples` (all of `bucket`), padded to `rows` rows with padding rows."""
+    if len(examples) > rows:
+        raise ValueError(f"{len(examples)} examples do not fit a batch of {rows} rows")
+    for e in examples:
+        if e.bucket != bucket:
+            raise ValueError(f"record {e.uid!r} of the {e.bucket}-frame bucket in a {bucket}-frame batch")
+    n = len(examples)
+    laid = [(e.ids, e.tubelets) for e in examples] + [_empty_row(cfg)] * (rows - n)
+    input_ids, attention_mask, pixels = _layout(cfg, laid, bucket)
+    labels = np.full(input_ids.shape, IGNORE, np.int32)
+    timestamps = np.full((rows, bucket), np.nan, np.float32)
+    for r, e in enumerate(examples):
+        if e.target >= 0:
+            labels[r, -1] = e.target
+        timestamps[r, : e.num_frames] = e.timestamps
+    pad = rows - n
+    meta = np.empty((rows,), object)
+    for r in range(rows):
+        meta[r] = examples[r].meta if r < n else {}
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values_videos=pixels.astype(np.float32, copy=False),
+        labels=labels,
+        loss_mask=labels != IGNORE,
+        valid=np.arange(rows) < n,
+        uid=np.asarray([e.uid for e in examples] + [""] * pad, dtype=str),
+        answer=np.asarray([e.answer for e in examples] + [-1] * pad, np.int32),
+        num_options=np.asarray([e.num_options for e in examples] + [0] * pad, np.int32),
+        task=np.asarray([e.task for e in examples] + [""] * pad, dtype=str),
+        bucket=np.full((rows,), bucket, np.int32),
+        num_frames=np.asarray([e.num_frames for e in examples] + [0] * pad, np.int32),
+        timestamps=timestamps,
+        meta=meta,
+    )
+
+
+def padding_batch(bucket: int, cfg: PipelineConfig, rows: int) -> dict[str, np.ndarray]:
+    """A batch of padding rows only (a process with no data left, in lockstep with others)."""
+    return collate([], bucket, cfg, rows)
+
+
+def pad_to_bucket(batch: Mapping[str, Any], bucket: int, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    """The same rows laid out in a larger frame bucket (more masked slots, a longer row).
+
+    Used when processes of a multi-host job must agree on one bucket per step: each row's
+    real tokens, tubelets, labels and timestamps are kept; its logits do not change.
+    """
+    old = int(batch["bucket"][0])
+    if old == bucket:
+        return dict(batch)
+    if bucket < old:
+        raise ValueError(f"cannot lay a {old}-frame batch into the smaller {bucket}-frame bucket")
+    old_len, new_len = batch["input_ids"].shape[1], cfg.row_length(bucket)
+    rows, real_len = [], []
+    for r in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][r][batch["attention_mask"][r]]
+        n_tub = int(np.sum(ids == cfg.image_token_id)) // cfg.tokens_per_tubelet
+        rows.append((ids, batch["pixel_values_videos"][r, :n_tub]))
+        real_len.append(ids.size)
+    input_ids, attention_mask, pixels = _layout(cfg, rows, bucket)
+    labels = np.full(input_ids.shape, IGNORE, np.int32)
+    for r, n in enumerate(real_len):
+        labels[r, new_len - n:] = batch["labels"][r, old_len - n:]
+    timestamps = np.full((len(rows), bucket), np.nan, np.float32)
+    timestamps[:, :old] = batch["timestamps"]
+    out = dict(batch)
+    out.update(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixels, labels=labels,
+               loss_mask=labels != IGNORE, bucket=np.full((len(rows),), bucket, np.int32), timestamps=timestamps)
+    return out
