@@ -27,8 +27,41 @@ from hybridvlm.layers.mamba2 import Mamba2Mixer
 from hybridvlm.layers.mlp import MLP as MLPMixer
 from hybridvlm.layers.norm import RMSNorm
 from hybridvlm.ops.dense import dense
+from hybridvlm.sharding import logical_constraint
 from reduction import prune as rp
 from reduction import scores as rs
+
+# Rematerialisation policies by name (`run_layers(remat=...)`): "none" keeps every
+# activation; "full" and "nothing_saveable" save only each block's inputs and
+# recompute the rest in the backward pass; "dots_saveable" also keeps matmul outputs.
+REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(name: str | None):
+    """A `REMAT_POLICIES` name -> None (no remat) or a `jax.checkpoint` policy."""
+    if name is None or name == "none":
+        return None
+    if name in ("full", "nothing_saveable"):
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "dots_saveable":
+        return jax.checkpoint_policies.dots_saveable
+    if name == "dots_with_no_batch_dims_saveable":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}")
+
+
+def remat_call(module: nnx.Module, policy, *args):
+    """`module(*args)[0]` (or the whole output when not a tuple) under
+    `jax.checkpoint(policy=policy)`, in the functional nnx.split / merge style,
+    so the backward pass recomputes the module's intermediates from its inputs
+    and its state. The module's state is read, never written."""
+    graphdef, state = nnx.split(module)
+
+    def run(state, *args):
+        out = nnx.merge(graphdef, state)(*args)
+        return out[0] if isinstance(out, tuple) else out
+
+    return jax.checkpoint(run, policy=policy)(state, *args)
 
 
 class Block(nnx.Module):
@@ -84,9 +117,9 @@ class NemotronHForCausalLM(nnx.Module):
         # residual is cast to it): a float32 h would promote a bfloat16 head to a
         # float32 copy (2.5 GiB at the 12B vocabulary).
         spec = "btd,vd->btv" if self.lm_head is None else "btd,dv->btv"
-        return dense(spec, h.astype(w.dtype), w).astype(jnp.float32)
+        return logical_constraint(dense(spec, h.astype(w.dtype), w).astype(jnp.float32), ("batch", "seq", "vocab"))
 
-    def run_layers(self, h, layout: Layout, caches=None, *, reduction=None, visual=None):
+    def run_layers(self, h, layout: Layout, caches=None, *, reduction=None, visual=None, remat=None):
         """Runs every layer, pruning visual tokens where `reduction` says.
 
         Args:
@@ -95,11 +128,29 @@ class NemotronHForCausalLM(nnx.Module):
           visual: (b, t) bool visual slots (needed with `reduction`): real
             visual tokens, and masked ones (layout.valid False) where a row's
             video is shorter than the batch's frame bucket.
+          remat: None or a `REMAT_POLICIES` name: rematerialise each layer in
+            the backward pass (`jax.checkpoint` per block; cache-less passes
+            only, the training path). Forward values are unchanged.
         Returns:
           h (b, t', d) for the t' surviving tokens, and the new caches.
         """
+        h, caches, _ = self.run_layers_with_layout(h, layout, caches, reduction=reduction, visual=visual,
+                                                   remat=remat)
+        return h, caches
+
+    def run_layers_with_layout(self, h, layout: Layout, caches=None, *, reduction=None, visual=None, remat=None):
+        """`run_layers`, also returning the survivors' Layout.
+
+        Returns:
+          h (b, t', d), the new caches, and the Layout (b, t') of the surviving
+          tokens: `layout.index[r, j]` is the position in the input sequence
+          of row r's j-th survivor (ascending: pruning keeps order).
+        """
         stages = dict(reduction.stages) if reduction is not None else {}
         num_visual = reduction.num_visual if reduction is not None else 0
+        policy = remat_policy(remat)
+        if policy is not None and caches is not None:
+            raise ValueError("remat= applies to cache-less (training) passes only; got caches as well")
         new = []
         for i, layer in enumerate(self.layers):
             if i in stages:  # even keep-all stages run, so the path is exercised
@@ -107,16 +158,25 @@ class NemotronHForCausalLM(nnx.Module):
                 h = jnp.take_along_axis(h, order[..., None], axis=1)
                 layout, visual = layout.take(order), jnp.take_along_axis(visual, order, axis=1)
                 num_visual = stages[i]
-            h, c = layer(h, layout, None if caches is None else caches[i])
+            # The residual stream between blocks: rows over the data-parallel axes (a no-op without a mesh).
+            h = logical_constraint(h, ("batch", "seq", "embed"))
+            if policy is None:
+                h, c = layer(h, layout, None if caches is None else caches[i])
+            else:
+                h, c = remat_call(layer, policy, h, layout), None
             new.append(c)
-        return h, (None if caches is None else tuple(new))
+        return h, (None if caches is None else tuple(new)), layout
 
     def _stage_order(self, i, h, layout, visual, plan, num_visual: int, keep: int):
         """(b, t') indices of the tokens kept before layer i: `keep` of the
         `num_visual` visual slots of each row (see `reduction.prune`)."""
         scores, key = None, None
         if plan.selector == "score":
-            scores = self.visual_scores(i, h, layout, visual, plan.scorer)
+            # Selection is discrete (top-k indices): no gradient flows through the
+            # scores. Stopping it here says so and keeps autodiff from linearising
+            # the scoring projections at all; forward values are unchanged.
+            scores = jax.lax.stop_gradient(
+                self.visual_scores(i, jax.lax.stop_gradient(h), layout, visual, plan.scorer))
         elif plan.selector == "random":
             key = jax.random.fold_in(jax.random.key(plan.seed), i)
         return rp.stage_order(scores, visual, layout.valid, keep, num_visual=num_visual, selector=plan.selector,

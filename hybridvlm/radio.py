@@ -19,7 +19,7 @@ from einops import rearrange
 from flax import nnx
 
 from hybridvlm.config import ConfigError
-from hybridvlm.layers.init import const_param, normal_param, zeros_param
+from hybridvlm.layers.init import const_param, normal_param, param, zeros_param
 from hybridvlm.ops.attention import attention_naive
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -135,8 +135,8 @@ def patchify(pixels, patch: int):
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("vit_embed",))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("vit_embed",))
+        self.weight = param(jnp.ones((dim,), dtype), ("vit_embed",))
+        self.bias = param(jnp.zeros((dim,), dtype), ("vit_embed",))
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)

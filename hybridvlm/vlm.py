@@ -18,11 +18,12 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from hybridvlm.cache import Layout
 from hybridvlm.config import ConfigError, LMConfig
 from hybridvlm.generate import generate
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.norm import RMSNorm
-from hybridvlm.lm import NemotronHForCausalLM
+from hybridvlm.lm import NemotronHForCausalLM, remat_call, remat_policy
 from hybridvlm.radio import LayerNorm, RadioConfig, RadioVisionModel
 from reduction.evs import evs_keep_count, evs_retention_mask
 from reduction.prune import compaction_order
@@ -116,6 +117,17 @@ class VLMConfig:
         )
 
 
+class _TowerFeatures(nnx.Module):
+    """The vision tower's patch features alone (a module, for `remat_call`)."""
+
+    def __init__(self, tower: RadioVisionModel):
+        self.tower = tower
+
+    def __call__(self, x):
+        """x: (n, c, H, W) -> (n, rows * cols, d_vit)."""
+        return self.tower(x)["features"]
+
+
 def pixel_shuffle(features, merge: int):
     """(n, rows, cols, c) -> (n, rows / m, cols / m, m * m * c).
 
@@ -157,18 +169,24 @@ class NemotronHVLModel(nnx.Module):
         return self.config.text
 
     # ------------------------------------------------------------- vision
-    def video_features(self, pixel_values_videos):
+    def video_features(self, pixel_values_videos, *, remat=None):
         """Vision tower features before pixel shuffle.
 
         pixel_values_videos: (videos, tubelets, temporal_patch * 3, H, W),
         already normalised. Returns (videos * tubelets, rows * cols, d_vit).
+        remat: None or a `hybridvlm.lm.REMAT_POLICIES` name: the tower runs
+        under one `jax.checkpoint` (same values; its intermediates are
+        recomputed in the backward pass).
         """
         x = rearrange(pixel_values_videos, "v t c h w -> (v t) c h w")
-        return self.vision(x)["features"]
+        policy = remat_policy(remat)
+        if policy is None:
+            return self.vision(x)["features"]
+        return remat_call(_TowerFeatures(self.vision), policy, x)
 
-    def video_embeddings(self, pixel_values_videos):
-        """(videos, tubelets, 2*3, H, W) -> (videos * tubelets * tokens, d_lm)."""
-        return self._project(self.video_features(pixel_values_videos), *pixel_values_videos.shape[-2:])
+    def video_embeddings(self, pixel_values_videos, *, remat=None):
+        """(videos, tubelets, 2*3, H, W) -> (videos * tubelets * tokens, d_lm); remat as `video_features`."""
+        return self._project(self.video_features(pixel_values_videos, remat=remat), *pixel_values_videos.shape[-2:])
 
     def image_embeddings(self, pixel_values):
         """(images, 3, H, W), normalised -> (images * tokens, d_lm), via the
@@ -268,11 +286,11 @@ class NemotronHVLModel(nnx.Module):
                           pixel_values=pixel_values)
         return self._embed(input_ids, pixel_values_videos, pixel_values, attention_mask)
 
-    def _embed(self, input_ids, pixel_values_videos, pixel_values, attention_mask):
+    def _embed(self, input_ids, pixel_values_videos, pixel_values, attention_mask, remat=None):
         """`embed` without the checks (its callers have made them)."""
         h = self.language_model.embed_tokens(input_ids)
         if pixel_values_videos is not None:
-            visual = self.video_embeddings(pixel_values_videos)  # (n, d)
+            visual = self.video_embeddings(pixel_values_videos, remat=remat)  # (n, d)
         elif pixel_values is not None:
             visual = self.image_embeddings(pixel_values)
         else:
@@ -311,16 +329,22 @@ class NemotronHVLModel(nnx.Module):
         Returns:
           input_ids, attention_mask (b, t') and embeddings (b, t', d).
         """
+        return self._prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)[:3]
+
+    def _prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None, remat=None):
+        """`prepare`, plus (b, t') int32: each kept token's column in input_ids
+        (ascending; `arange(t)` without EVS). remat: as `video_features`."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        h = self._embed(input_ids, pixel_values_videos, pixel_values, attention_mask)
+        h = self._embed(input_ids, pixel_values_videos, pixel_values, attention_mask, remat)
         rate = self.config.video_pruning_rate
         if pixel_values_videos is None or rate == 0.0:
-            return input_ids, attention_mask, h
+            columns = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            return input_ids, attention_mask, h, columns
         v, tubelets, _, H, W = pixel_values_videos.shape
         b = input_ids.shape[0]
         per_tubelet = self.config.tokens_per_tubelet(H, W)
-        embeds = self.video_embeddings(pixel_values_videos).reshape(v, tubelets, per_tubelet, -1)
+        embeds = self.video_embeddings(pixel_values_videos, remat=remat).reshape(v, tubelets, per_tubelet, -1)
         is_visual, slots = self._is_visual(input_ids), self._slots(input_ids, attention_mask)
         # Which tubelets are real: a slot filled by a real (unmasked) placeholder.
         n_slots = v * tubelets * per_tubelet  # out of range: dropped (a negative index would wrap)
@@ -332,7 +356,7 @@ class NemotronHVLModel(nnx.Module):
         drop = (v // b) * (tubelets * per_tubelet - evs_keep_count(tubelets, per_tubelet, rate))
         order = compaction_order(keep, input_ids.shape[1] - drop)
         take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
-        return take(input_ids), take(attention_mask), take(h)
+        return take(input_ids), take(attention_mask), take(h), order
 
     # -------------------------------------------------------------- modes
     def __call__(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None,
@@ -352,6 +376,34 @@ class NemotronHVLModel(nnx.Module):
         ids, mask, h = self.prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
         return self.language_model(ids, attention_mask=mask, inputs_embeds=h, reduction=reduction,
                                    visual_mask=self.visual_mask(ids, reduction))
+
+    def hidden_states(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None,
+                      reduction=None, remat=None):
+        """Final hidden states (before the final norm) and where each one sits.
+
+        The training loss reads a few positions' logits from these
+        (`self.language_model.logits(h_k)` on (b, k, d)) instead of the full
+        (b, t', vocab) tensor; `self.language_model.logits(h)` of all of them
+        equals `__call__`.
+
+        Args: as `__call__`, plus
+          remat: None or a `hybridvlm.lm.REMAT_POLICIES` name: each LM layer
+            (and the vision tower) is rematerialised in the backward pass.
+        Returns:
+          h (b, t', d) in the model's dtype, and columns (b, t') int32: the
+          column in `input_ids` of each surviving token (ascending per row;
+          EVS and the plan drop visual tokens only, so every text column of a
+          row in its bucket's layout survives).
+        """
+        self.check_inputs(input_ids, attention_mask, reduction=reduction, pixel_values_videos=pixel_values_videos,
+                          pixel_values=pixel_values)
+        ids, mask, h, columns = self._prepare(input_ids, attention_mask, pixel_values_videos, pixel_values, remat)
+        lm = self.language_model
+        lm.check_inputs(ids, mask, reduction=reduction, visual_mask=self.visual_mask(ids, reduction),
+                        inputs_embeds=h)
+        h, _, layout = lm.run_layers_with_layout(h, Layout.prompt(mask), reduction=reduction,
+                                                 visual=self.visual_mask(ids, reduction), remat=remat)
+        return h, jnp.take_along_axis(columns, layout.index, axis=1)
 
     def visual_mask(self, input_ids, reduction):
         """(b, t) placeholder positions (the visual slots) when a plan needs them, else None."""

@@ -1,5 +1,11 @@
-"""Sharded finetuning under token reduction (mesh, optimizer, checkpoints, input).
+"""Sharded finetuning under token reduction.
 
-Not implemented yet: this package is reserved by the design card and is
-filled by the finetuning issue.
+Built so far (issue 11): `mesh.py` (the ("data", "fsdp", "tensor") device
+mesh), `optim.py` (AdamW, warmup + cosine, clipping, decay and freeze masks),
+`loss.py` (cross-entropy and accuracy on the answer tokens only), `step.py`
+(the jitted train step: bf16 compute on float32 master weights, micro-batch
+accumulation, remat, a static plan per frame bucket), `checkpoint.py`
+(Orbax train-state + iterator + config checkpoints, preemption). The rule
+table of parameter and activation shardings is `hybridvlm.sharding`. The
+`python -m train.finetune` loop that ties them together is not written yet.
 """

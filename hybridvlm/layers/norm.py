@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybridvlm.layers.init import param
+
 
 def _rms(x, eps):
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -17,7 +19,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.weight = param(jnp.ones((dim,), dtype), ("embed",))
 
     def __call__(self, x):
         """x: (..., dim) -> (..., dim)."""
@@ -31,7 +33,7 @@ class GatedRMSNorm(nnx.Module):
     def __init__(self, dim: int, *, groups: int, eps: float, dtype=jnp.float32):
         self.eps = eps
         self.groups = groups
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("mamba_inner",))
+        self.weight = param(jnp.ones((dim,), dtype), ("mamba_inner",))
 
     def __call__(self, x, z):
         """x, z: (..., dim) -> (..., dim) in x's dtype."""
