@@ -7,5 +7,5 @@ mesh), `optim.py` (AdamW, warmup + cosine, clipping, decay and freeze masks),
 accumulation, remat, a static plan per frame bucket), `checkpoint.py`
 (Orbax train-state + iterator + config checkpoints, preemption). The rule
 table of parameter and activation shardings is `hybridvlm.sharding`. The
-`python -m train.finetune` loop that ties them together is not written yet.
+`train.finetune` loop that ties them together is not written yet.
 """
