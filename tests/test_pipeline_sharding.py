@@ -66,6 +66,14 @@ PLACEMENT = textwrap.dedent("""
     for start, (a, b) in by_rows.items():
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, host["pixel_values_videos"][start : start + 2])
+    # The finetuning mesh: rows over data x fsdp (2 x 2 = 4 row groups), replicated over "tensor".
+    mesh3 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    x = to_device(host, mesh3)["input_ids"]
+    assert x.sharding.spec == P(("data", "fsdp")), x.sharding
+    starts = sorted(s.index[0].start for s in x.addressable_shards)
+    assert starts == [0, 0, 2, 2, 4, 4, 6, 6], starts
+    for s in x.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(s.data), host["input_ids"][s.index[0]])
     # Training batches too.
     it = iter(train_pipeline(SOURCE, cfg, tokenizer=TOK, shard=(0, 1), mesh=mesh))
     b = next(it)

@@ -21,9 +21,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE = -100  # labels value where no loss is taken (hybridvlm.data.layout.IGNORE)
-
-
 def answer_columns(loss_mask, max_answer_tokens: int = 1):
     """The first `max_answer_tokens` answer columns of each row.
 

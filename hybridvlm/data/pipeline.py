@@ -100,7 +100,7 @@ def train_pipeline(source: Sequence[VideoQARecord], cfg: PipelineConfig, *, toke
     Partial buckets are never emitted (no padding rows in training). A shard with nothing
     readable raises PipelineError after two epochs (per worker) of skips in a row.
     shard: grain ShardOptions or (index, count); default: `ShardByJaxProcess`.
-    mesh: place batches on it (batch dim over `cfg.data_axis`); None: numpy batches.
+    mesh: place batches on it (rows over `cfg.data_axis`: data x fsdp); None: numpy batches.
     gather: the cross-process exchange for lockstep buckets (default: process_allgather
       when jax.process_count() > 1; see `hybridvlm.data.pipeline_output`).
     """

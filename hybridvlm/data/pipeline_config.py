@@ -60,7 +60,9 @@ class PipelineConfig:
       workers: grain worker processes (0: in this process, with `prefetch` batches
         read ahead by a thread); read_threads: threads decoding examples per worker.
       prefetch: batches buffered per worker (or by the thread when workers = 0).
-      data_axis: the mesh axis that batches are sharded over.
+      data_axis: the mesh axis, or axes, that batch rows are sharded over; axes the
+        mesh does not have are left out (default: "data" and "fsdp", the
+        data-parallel axes of `train.mesh`, as `hybridvlm.sharding` lays batches out).
     """
 
     batch_size: int
@@ -85,7 +87,7 @@ class PipelineConfig:
     workers: int = 0
     read_threads: int = 2
     prefetch: int = 2
-    data_axis: str = "data"
+    data_axis: str | tuple[str, ...] = ("data", "fsdp")
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))

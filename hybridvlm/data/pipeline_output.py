@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hybridvlm.data.layout import MODEL_KEYS, pad_to_bucket, padding_batch
-from hybridvlm.data.pipeline_config import PipelineConfig
+from hybridvlm.data.pipeline_config import PipelineConfig, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,18 @@ def default_gather() -> Gather | None:
     return lambda x: np.asarray(multihost_utils.process_allgather(x)).reshape(jax.process_count(), -1)
 
 
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    """Batch dimension over the mesh axis `axis`, every other dimension replicated."""
-    return NamedSharding(mesh, PartitionSpec(axis))
+def batch_sharding(mesh: Mesh, axis: str | Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Batch dimension over the mesh axes `axis` that `mesh` has (rows split over their
+    product), every other dimension replicated."""
+    wanted = (axis,) if isinstance(axis, str) else tuple(axis)
+    present = tuple(a for a in wanted if a in mesh.axis_names)
+    if not present:
+        raise PipelineError(f"data_axis {wanted}: the mesh has none of these axes (it has {mesh.axis_names})")
+    return NamedSharding(mesh, PartitionSpec(present[0] if len(present) == 1 else present))
 
 
-def to_device(batch: Mapping[str, Any], mesh: Mesh, *, axis: str = "data") -> dict[str, Any]:
+def to_device(batch: Mapping[str, Any], mesh: Mesh, *,
+              axis: str | Sequence[str] = ("data", "fsdp")) -> dict[str, Any]:
     """The model inputs of a process-local batch as global jax.Arrays sharded over `axis`
     (`jax.make_array_from_process_local_data`: each process passes its own rows); the
     host-side metadata stays numpy (this process's rows)."""
