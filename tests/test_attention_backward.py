@@ -11,16 +11,9 @@ import pytest
 
 from hybridvlm.ops.attention import attention_blockwise, attention_naive
 
-D = 8  # head_dim
+from test_attention import D, qkv
+
 SCALE = D**-0.5
-
-
-def qkv(seed, b, t, s, n, kv, d=D):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, t, n, d)).astype(np.float32)
-    k = rng.standard_normal((b, s, kv, d)).astype(np.float32)
-    v = rng.standard_normal((b, s, kv, d)).astype(np.float32)
-    return q, k, v
 
 
 def sees_a_key(q_pos, k_pos, k_valid):
