@@ -54,7 +54,7 @@ from hybridvlm.lm import NemotronHForCausalLM
 from reduction import plan as rp
 from reduction.scores import ScoreConfig
 
-SHAPES = ("step", "linear", "sigmoid", "fastv", "pyramid", "uniform", "random")
+SHAPES = rp.NAMED
 
 
 # --runlocal: a small model and prompt that run the whole grid in about a minute on a laptop CPU.
@@ -170,21 +170,11 @@ def flop_model(cfg: LMConfig, t_full: int, plan=None, num_query: int = 0, *, sco
 
 def make_plans(shape: str, num_layers: int, num_visual: int, budget: float, *, scorer: ScoreConfig,
                fastv_layer: int, layers=None):
-    """The plan of `shape` at `budget` (PlanError if the schedule cannot reach it).
-
-    layers: None (stages anywhere) or the allowed stage layers (snapped to).
-    """
-    if shape in ("step", "linear", "sigmoid"):
-        return rp.progressive(num_layers, num_visual, budget, shape=shape, scorer=scorer, layers=layers)
-    if shape == "fastv":
-        return rp.fastv(num_layers, num_visual, budget, layer=fastv_layer, scorer=scorer, layers=layers)
-    if shape == "pyramid":
-        return rp.pyramid(num_layers, num_visual, budget, scorer=scorer, layers=layers)
-    if shape == "uniform":
-        return rp.uniform_stride(num_layers, num_visual, budget, layer=fastv_layer, layers=layers)
-    if shape == "random":
-        return rp.random_plan(num_layers, num_visual, budget, layer=fastv_layer, layers=layers)
-    raise cli.UsageError(f"--shapes: unknown plan {shape!r}; use {SHAPES}")
+    """The plan of `shape` at `budget` (`reduction.plan.named`; PlanError if the schedule
+    cannot reach it). layers: None (stages anywhere) or the allowed stage layers (snapped to)."""
+    if shape not in SHAPES:
+        raise cli.UsageError(f"--shapes: unknown plan {shape!r}; use {SHAPES}")
+    return rp.named(shape, num_layers, num_visual, budget, scorer=scorer, layer=fastv_layer, layers=layers)
 
 
 def video_prompt(d: int, prefix: int, num_visual: int, question: int, *, seed: int = 0, dtype=jnp.float32):

@@ -221,7 +221,28 @@ def prepare_config_overrides(argv: list[str]) -> list[str]:
         registered = all(_override_name(a) in FLAGS for a in overrides)  # flags defined at import time
         if overrides and given is None and not registered:
             argv.insert(1, f"--{name}={path}")
+        elif overrides and given is not None:
+            # config_flags refuses an override that comes before the file it applies to:
+            # name the file first, wherever the command line put it.
+            argv = [argv[0], f"--{name}={given}"] + _without_flag(argv[1:], name)
     return argv
+
+
+def _without_flag(args: list[str], name: str) -> list[str]:
+    """args without `--<name>=V` / `--<name> V` (before a "--" terminator)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if re.match(rf"^--?{re.escape(name)}=", arg):
+            i += 1
+        elif re.match(rf"^--?{re.escape(name)}$", arg):
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
 
 
 def _override_name(arg: str) -> str:

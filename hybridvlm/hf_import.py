@@ -7,6 +7,16 @@ einsum-ready (in, ..., out)). Every tensor's shape is checked against the
 config before it is used, and nothing is returned until all are loaded.
 A stored `lm_head.weight` is always the head, as in the reference (see
 `head_as_reference`).
+
+One HF tensor may feed several parameters: the Mamba mixer's fused
+`in_proj` (columns [z | x | B | C | dt]) and `conv1d` ([x | B | C]) are
+split at import into one parameter per part, each by its own rule slicing
+its part (`hybridvlm.layers.mamba2.split_in_proj`). The rules are also the
+export's spec (`hybridvlm.hf_export`), which inverts them.
+
+With `mesh=`, every tensor is read on the host and placed straight onto its
+shards (`jax.make_array_from_callback`, the rule table of
+`hybridvlm.sharding`): no device ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -19,12 +29,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 
 from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
+from hybridvlm.layers.mamba2 import CONV_PARTS, PROJ_PARTS, split_conv, split_in_proj
 from hybridvlm.lm import NemotronHForCausalLM
+from hybridvlm.sharding import param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +66,11 @@ class Source:
 @dataclass(frozen=True)
 class TensorRule:
     """How one NNX parameter is read: the first source present in the
-    checkpoint wins (current names first, legacy layouts after); `default`
-    builds the value when no source is present (e.g. an identity LayerScale
-    that older checkpoints do not store), else the tensor is required."""
+    checkpoint wins (current names first, legacy layouts after: the last is
+    the layout transformers' `save_pretrained` writes, which export writes);
+    `default` builds the value when no source is present (e.g. an identity
+    LayerScale that older checkpoints do not store), else the tensor is
+    required. Several rules may read one tensor (a part each)."""
 
     path: tuple
     sources: tuple[Source, ...]
@@ -82,9 +98,14 @@ def lm_rules(cfg: LMConfig, *, prefix: str, head_prefix: str, at: tuple = ()) ->
         if kind == MAMBA:
             h, inner, c, k = cfg.mamba_num_heads, cfg.mamba_intermediate, cfg.conv_dim, cfg.conv_kernel
             proj = inner + c + h
+            # One rule per part of the fused tensors (read once: `read_tensors` reuses the last tensor).
+            proj_part = lambda part: (lambda w: split_in_proj(w, cfg, only=(part,))[part])
+            conv_part = lambda part: (lambda w: split_conv(w, cfg, only=(part,))[part])
+            rules += [r(mp + (f"{p}_proj",), mix + "in_proj.weight", (proj, d), lambda w, p=p: proj_part(p)(w.T))
+                      for p in PROJ_PARTS]
+            rules += [r(mp + (f"conv_{p}",), mix + "conv1d.weight", (c, 1, k),
+                        lambda w, p=p: conv_part(p)(w[:, 0, :].T)) for p in CONV_PARTS]
             rules += [
-                r(mp + ("in_proj",), mix + "in_proj.weight", (proj, d), _t),
-                r(mp + ("conv_weight",), mix + "conv1d.weight", (c, 1, k), lambda w: w[:, 0, :].T),
                 r(mp + ("dt_bias",), mix + "dt_bias", (h,)),
                 r(mp + ("A_log",), mix + "A_log", (h,)),
                 r(mp + ("D",), mix + "D", (h,)),
@@ -92,10 +113,11 @@ def lm_rules(cfg: LMConfig, *, prefix: str, head_prefix: str, at: tuple = ()) ->
                 r(mp + ("out_proj",), mix + "out_proj.weight", (d, inner), _t),
             ]
             if cfg.use_conv_bias:
-                rules.append(r(mp + ("conv_bias",), mix + "conv1d.bias", (c,)))
+                rules += [r(mp + (f"conv_{p}_bias",), mix + "conv1d.bias", (c,), conv_part(p)) for p in CONV_PARTS]
             if cfg.use_bias:
-                rules += [r(mp + ("in_proj_bias",), mix + "in_proj.bias", (proj,)),
-                          r(mp + ("out_proj_bias",), mix + "out_proj.bias", (d,))]
+                rules += [r(mp + (f"{p}_proj_bias",), mix + "in_proj.bias", (proj,), proj_part(p))
+                          for p in PROJ_PARTS]
+                rules.append(r(mp + ("out_proj_bias",), mix + "out_proj.bias", (d,)))
         elif kind == ATTENTION:
             n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             split_out = lambda heads: (lambda w: rearrange(w, "(n h) d -> d n h", n=heads))
@@ -141,10 +163,15 @@ def head_as_reference(cfg: LMConfig, keys, head_prefix: str, directory: str) -> 
 
 
 class SafetensorsSet:
-    """A single-file or sharded safetensors checkpoint, opened lazily."""
+    """A single-file or sharded safetensors checkpoint, opened lazily.
 
-    def __init__(self, directory: str):
+    framework: "flax" (tensors as JAX arrays on the default device) or
+    "numpy" (host arrays, bfloat16 included: for placing onto shards).
+    """
+
+    def __init__(self, directory: str, framework: str = "flax"):
         self.directory = directory
+        self.framework = framework
         self._handles: dict[str, object] = {}
         index = os.path.join(directory, INDEX_FILE)
         single = os.path.join(directory, SINGLE_FILE)
@@ -167,7 +194,7 @@ class SafetensorsSet:
             if not os.path.exists(path):
                 raise CheckpointError(f"{path}: weight file is missing")
             try:
-                self._handles[path] = safe_open(path, framework="flax")
+                self._handles[path] = safe_open(path, framework=self.framework)
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
         return self._handles[path]
@@ -176,7 +203,7 @@ class SafetensorsSet:
         return self.file_of.keys()
 
     def get(self, name: str) -> jax.Array:
-        """The tensor `name` as a JAX array in its stored dtype (bf16 included)."""
+        """The tensor `name` in its stored dtype (bf16 included), as a JAX or numpy array."""
         path = self.file_of[name]
         handle = self._open(path)
         try:
@@ -220,13 +247,18 @@ def hf_dtype(hf: dict):
     return None if name is None else jnp.dtype(str(name).replace("torch.", ""))
 
 
-def read_tensors(weights: "SafetensorsSet", rules: list[TensorRule], dtype, ignore: tuple[str, ...] = ()) -> dict:
+def read_tensors(weights: "SafetensorsSet", rules: list[TensorRule], dtype, ignore: tuple[str, ...] = (),
+                 place: Callable | None = None) -> dict:
     """Reads, checks and transforms every rule's tensor: {path: array in dtype}.
 
+    place: place(path, value) -> the parameter's array; default: a JAX array
+    in `dtype` on the default device (see `sharded_placer`).
     Tensors no rule uses are reported in a warning, except names starting
     with one of `ignore` (branches deliberately not loaded).
     """
+    place = place or (lambda path, value: jnp.asarray(value, dtype))
     values = {}
+    last_name, w = None, None
     for r in rules:
         src = next((s for s in r.sources if s.name in weights.file_of), None)
         if src is None:
@@ -234,16 +266,17 @@ def read_tensors(weights: "SafetensorsSet", rules: list[TensorRule], dtype, igno
                 names = " or ".join(repr(s.name) for s in r.sources)
                 raise CheckpointError(f"{weights.directory}: tensor {names} is missing from the checkpoint "
                                       "(config needs it)")
-            values[r.path] = jnp.asarray(r.default(), dtype)
+            values[r.path] = place(r.path, r.default())
             continue
-        w = weights.get(src.name)
-        if tuple(w.shape) != src.shape:
-            raise CheckpointError(
-                f"{weights.file_of[src.name]}: tensor {src.name!r} has shape {tuple(w.shape)}, "
-                f"but config.json implies {src.shape}"
-            )
+        if src.name != last_name:  # consecutive rules reading parts of one tensor read it once
+            w, last_name = weights.get(src.name), src.name
+            if tuple(w.shape) != src.shape:
+                raise CheckpointError(
+                    f"{weights.file_of[src.name]}: tensor {src.name!r} has shape {tuple(w.shape)}, "
+                    f"but config.json implies {src.shape}"
+                )
         # Cast per tensor so peak memory stays near the model's size in `dtype`.
-        values[r.path] = jnp.asarray(src.transform(w), dtype)
+        values[r.path] = place(r.path, src.transform(w))
     used = {s.name for r in rules for s in r.sources}
     extra = [k for k in weights.keys() if k not in used and not k.startswith(ignore)]
     if extra:
@@ -251,12 +284,36 @@ def read_tensors(weights: "SafetensorsSet", rules: list[TensorRule], dtype, igno
     return values
 
 
-def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausalLM:
+def sharded_placer(factory, mesh: Mesh, dtype) -> Callable:
+    """`read_tensors`' place(path, host value) for a model laid out on `mesh`.
+
+    Each parameter goes straight onto its shards (its NamedSharding from the
+    rule table of `hybridvlm.sharding`): `jax.make_array_from_callback`
+    copies each addressable device's slice of the host array, so a device
+    holds only its shards, and each process only its own devices' (multi-host).
+    """
+    shardings = dict(nnx.to_flat_state(param_shardings(nnx.state(nnx.eval_shape(factory)), mesh)))
+
+    def place(path, value):
+        host = np.asarray(value, dtype)
+        return jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
+
+    return place
+
+
+def open_weights(directory: str, mesh: Mesh | None) -> "SafetensorsSet":
+    """The checkpoint's tensors: on the host for a sharded load, else as JAX arrays."""
+    return SafetensorsSet(directory, framework="flax" if mesh is None else "numpy")
+
+
+def load_hf_lm(directory: str, *, dtype=None, mesh: Mesh | None = None, **overrides) -> NemotronHForCausalLM:
     """Loads an HF Nemotron-H causal LM directory into a NemotronHForCausalLM.
 
     Args:
       directory: holds config.json and model.safetensors (or shards + index).
       dtype: parameter dtype; default the checkpoint's dtype, else float32.
+      mesh: None (parameters on the default device), or a device mesh: each
+        parameter is placed on its shards by `hybridvlm.sharding`'s rules.
       overrides: LMConfig fields to change (e.g. ssd_impl="sequential").
     Raises:
       ConfigError for config problems, CheckpointError for file/tensor problems.
@@ -264,19 +321,22 @@ def load_hf_lm(directory: str, *, dtype=None, **overrides) -> NemotronHForCausal
     hf = read_hf_config(directory)
     cfg = LMConfig.from_hf(hf, source=os.path.join(directory, "config.json"))
     dtype = jnp.dtype(dtype or hf_dtype(hf) or jnp.float32)
-    weights = SafetensorsSet(directory)
+    weights = open_weights(directory, mesh)
     prefix, head_prefix = lm_prefixes(weights.keys())
     if "tie_word_embeddings" not in overrides:
         cfg = head_as_reference(cfg, weights.keys(), head_prefix, directory)
     cfg = cfg.replace(**overrides) if overrides else cfg
-    values = read_tensors(weights, lm_rules(cfg, prefix=prefix, head_prefix=head_prefix), dtype)
-    return build_model(lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), values, dtype)
+    factory = lambda: NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    place = None if mesh is None else sharded_placer(factory, mesh, dtype)
+    values = read_tensors(weights, lm_rules(cfg, prefix=prefix, head_prefix=head_prefix), dtype, place=place)
+    return build_model(factory, values, dtype)
 
 
 def build_model(factory, values: dict, dtype):
     """Creates `factory()` abstractly and fills every parameter from `values`.
 
     values: {state path tuple: array}; must cover every parameter exactly.
+    Arrays already in `dtype` are used as they are (their sharding kept).
     """
     graphdef, state = nnx.split(nnx.eval_shape(factory))
     flat = dict(nnx.to_flat_state(state))

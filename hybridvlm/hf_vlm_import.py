@@ -16,10 +16,11 @@ import os
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from hybridvlm.hf_import import (
     Source, SafetensorsSet, TensorRule, build_model, head_as_reference, hf_dtype, lm_prefixes, lm_rules,
-    read_hf_config, read_tensors,
+    open_weights, read_hf_config, read_tensors, sharded_placer,
 )
 from hybridvlm.radio import RadioConfig, RadioVisionModel
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
@@ -116,9 +117,11 @@ def projector_rules(cfg: VLMConfig) -> list[TensorRule]:
     return rules
 
 
-def load_hf_vlm(directory: str, *, dtype=None, **overrides) -> NemotronHVLModel:
+def load_hf_vlm(directory: str, *, dtype=None, mesh: Mesh | None = None, **overrides) -> NemotronHVLModel:
     """Loads an HF Nemotron-H Omni directory (vision + text) into NemotronHVLModel.
 
+    mesh: None, or a device mesh to place each parameter on its shards
+      (as `hybridvlm.hf_import.load_hf_lm`).
     overrides: VLMConfig fields, or LMConfig fields of the text model.
     """
     hf = read_hf_config(directory)
@@ -128,7 +131,7 @@ def load_hf_vlm(directory: str, *, dtype=None, **overrides) -> NemotronHVLModel:
                     "only its vision and text parts are loaded", source)
     cfg = VLMConfig.from_hf(hf, source)
     dtype = jnp.dtype(dtype or hf_dtype(hf) or hf_dtype(hf.get("text_config") or {}) or jnp.float32)
-    weights = SafetensorsSet(directory)
+    weights = open_weights(directory, mesh)
     prefix, head_prefix = lm_prefixes(weights.keys())
     if "tie_word_embeddings" not in overrides:
         # As the reference: a stored language_model.lm_head.weight is the head, tied flag or not.
@@ -139,8 +142,10 @@ def load_hf_vlm(directory: str, *, dtype=None, **overrides) -> NemotronHVLModel:
     # Audio branch (not supported) and buffers the model derives from config.
     skipped = ("audio_tower.", "embed_audio.", "sound_encoder.", "sound_projection.", "vision_model.radio_model.summary_idxs",
                "vision_model.summary_idxs", "vision_model.radio_model.input_conditioner.", "vision_model.input_conditioner.")
-    values = read_tensors(weights, rules, dtype, ignore=skipped)
-    return build_model(lambda: NemotronHVLModel(cfg, rngs=nnx.Rngs(0), dtype=dtype), values, dtype)
+    factory = lambda: NemotronHVLModel(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    place = None if mesh is None else sharded_placer(factory, mesh, dtype)
+    values = read_tensors(weights, rules, dtype, ignore=skipped, place=place)
+    return build_model(factory, values, dtype)
 
 
 def load_hf_radio(directory: str, *, dtype=None) -> RadioVisionModel:

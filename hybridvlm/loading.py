@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from jax.sharding import Mesh
+
 from hybridvlm import checkpoint, hf_import, hf_vlm_import
 from hybridvlm.hf_import import CheckpointError
 from hybridvlm.lm import NemotronHForCausalLM
@@ -46,7 +48,8 @@ def is_vlm_checkpoint(path: str) -> bool:
     return hf_vlm_import.is_vlm_config(hf_import.read_hf_config(path))
 
 
-def from_pretrained(path: str, dtype=None, **overrides) -> NemotronHForCausalLM | NemotronHVLModel:
+def from_pretrained(path: str, dtype=None, *, mesh: Mesh | None = None, **overrides
+                    ) -> NemotronHForCausalLM | NemotronHVLModel:
     """Loads a model from a local directory.
 
     Args:
@@ -55,13 +58,17 @@ def from_pretrained(path: str, dtype=None, **overrides) -> NemotronHForCausalLM 
         vision + text; an audio branch is skipped with a warning), or a
         hybridvlm Orbax checkpoint (written by `python -m hybridvlm.convert`).
       dtype: parameter/activation dtype; default the checkpoint's own.
+      mesh: None (parameters on the default device), or a device mesh: the
+        model is built abstractly and each tensor is placed straight onto its
+        shards (`hybridvlm.sharding.param_shardings`), so no device ever
+        holds the whole model.
       overrides: LMConfig fields to change, e.g. ssd_impl="sequential".
     Raises:
       FileNotFoundError / NotADirectoryError if path is not a directory;
       ConfigError / CheckpointError naming the field, tensor or file otherwise.
     """
     if checkpoint_format(path) == HYBRIDVLM:
-        return checkpoint.load(path, dtype=dtype, **overrides)
+        return checkpoint.load(path, dtype=dtype, mesh=mesh, **overrides)
     if hf_vlm_import.is_vlm_config(hf_import.read_hf_config(path)):
-        return hf_vlm_import.load_hf_vlm(path, dtype=dtype, **overrides)
-    return hf_import.load_hf_lm(path, dtype=dtype, **overrides)
+        return hf_vlm_import.load_hf_vlm(path, dtype=dtype, mesh=mesh, **overrides)
+    return hf_import.load_hf_lm(path, dtype=dtype, mesh=mesh, **overrides)

@@ -7,7 +7,7 @@ to a mesh axis of the device mesh (`train.mesh`: "data", "fsdp", "tensor"), a tu
 (the dimension splits over their product), or None (replicated).
 
 Policy: a weight's model-parallel dimension (attention heads, MLP hidden
-units, Mamba heads and inner channels, vocabulary, ViT heads and MLP, the
+units, Mamba heads, inner channels and B/C groups, vocabulary, ViT heads and MLP, the
 projector's hidden units) goes on "tensor", its model-width dimension
 ("embed", "vit_embed", "vit_merged") on "fsdp"; small vectors follow their
 dimension's name; kernel taps, head_dim and patch pixels stay replicated.
@@ -45,15 +45,14 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "kv_heads": "tensor",  # attention k, v (embed, kv_heads, head_dim)
     "head_dim": None,
     "mlp": "tensor",  # MLP up (embed, mlp), down (mlp, embed), up bias
-    # Mamba-2. in_proj's output and the conv channels are stored fused
-    # ([z | x | B | C | dt] and [x | B | C]) as in HF checkpoints: "tensor"
-    # splits the fused axis evenly, which is correct but cuts across the parts
-    # (XLA reshards at the split); storing the parts apart is a later change.
-    "mamba_proj": "tensor",  # in_proj (embed, mamba_proj), its bias
-    "mamba_conv": "tensor",  # conv_weight (conv_kernel, mamba_conv), conv bias
+    # Mamba-2. HF's fused in_proj ([z | x | B | C | dt]) and conv ([x | B | C])
+    # are stored one parameter per part (hybridvlm/layers/mamba2.py), so each
+    # part splits along its own model-parallel dimension and no shard mixes parts.
+    "mamba_inner": "tensor",  # z_proj, x_proj (embed, mamba_inner), conv_x, out_proj, gated-norm weight
+    "mamba_groups": "tensor",  # B_proj, C_proj (embed, mamba_groups, mamba_state), conv_B, conv_C
+    "mamba_state": None,  # the SSM state size within a group
+    "mamba_heads": "tensor",  # dt_proj (embed, mamba_heads), A_log, D, dt_bias (heads,)
     "conv_kernel": None,  # 4 taps
-    "mamba_heads": "tensor",  # A_log, D, dt_bias (heads,)
-    "mamba_inner": "tensor",  # out_proj (mamba_inner, embed), gated-norm weight
     # Vision tower (hybridvlm/radio.py): q/k/v/o are (d, heads * head_dim), so
     # "tensor" splits whole heads when it divides num_heads.
     "vit_patch": None,  # patch pixels of the patch projections: small, replicated

@@ -427,3 +427,30 @@ def pyramid(num_layers: int, num_visual: int, budget: float, *, num_stages: int 
     return _plan(num_layers, num_visual, stages, selector="score", scorer=scorer, seed=0,
                  name=name or f"pyramid-{num_stages}")
 
+
+
+# Every schedule by name: the progressive shapes, the one-shot and pyramid baselines.
+NAMED = SHAPES + ("fastv", "pyramid", "uniform", "random")
+
+
+def named(shape: str, num_layers: int, num_visual: int, budget: float, *, scorer: ScoreConfig | None = None,
+          layer: int = 2, layers: Sequence[int] | None = None) -> ReductionPlan:
+    """The plan called `shape` (one of NAMED) at `budget`: a progressive shape
+    ("step", "linear", "sigmoid"), FastV, PyramidDrop, or the query-agnostic uniform /
+    random selections at FastV's layer.
+
+    layer: the one-shot plans' pruning layer; layers: None (stages anywhere) or the
+    allowed stage layers (snapped to). PlanError for an unknown name or a budget the
+    schedule cannot meet.
+    """
+    if shape in SHAPES:
+        return progressive(num_layers, num_visual, budget, shape=shape, scorer=scorer, layers=layers)
+    if shape == "fastv":
+        return fastv(num_layers, num_visual, budget, layer=layer, scorer=scorer, layers=layers)
+    if shape == "pyramid":
+        return pyramid(num_layers, num_visual, budget, scorer=scorer, layers=layers)
+    if shape == "uniform":
+        return uniform_stride(num_layers, num_visual, budget, layer=layer, layers=layers)
+    if shape == "random":
+        return random_plan(num_layers, num_visual, budget, layer=layer, layers=layers)
+    raise PlanError(f"unknown plan {shape!r}; choose one of {', '.join(NAMED)}")

@@ -285,3 +285,11 @@ if __name__ == "__main__":  # the harness: JSON cases on stdin, JSON results on 
     os.dup2(2, 1)  # keep stray import-time output out of the JSON
     results = _harness(cases)
     os.write(real_stdout, json.dumps(results).encode())
+
+
+def test_the_config_file_flag_moves_before_its_overrides():
+    # config_flags refuses `--config.x=1 --config FILE`; the runner names the file first.
+    from hybridvlm.cli import _without_flag
+
+    args = ["--config.steps=2", "--config", "a.py", "--workdir", "w", "--config=b.py", "--", "--config", "c.py"]
+    assert _without_flag(args, "config") == ["--config.steps=2", "--workdir", "w", "--", "--config", "c.py"]

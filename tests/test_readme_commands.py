@@ -53,8 +53,8 @@ class Tiny:
     skip: str | None = None
 
 
-# One entry per module a README command runs. A new README command of a new module fails
-# test_readme_command until it has an entry here.
+# One entry per module a README command runs ("MODULE --flag" for a command with that flag). A new
+# README command of a new module fails test_readme_command until it has an entry here.
 COMMANDS = {
     "eval.demo": Tiny(set={"--config.max_new_tokens": "2"}),
     "eval.analyze": Tiny(set={"--num_examples": "1", "--config.max_frames": "4", "--config.max_new_tokens": "2"}),
@@ -64,9 +64,18 @@ COMMANDS = {
                                 "--groups": "1", "--chunk": "16", "--impls": "chunked", "--modes": "fwd"}),
     "eval.bench_memory": Tiny(set={"--frames": "4"}, add=("--runlocal",)),
     "hybridvlm.convert": Tiny(set={"--hf": "{lm_hf}", "--out": "{new_dir}"}),
+    "hybridvlm.convert --to-hf": Tiny(set={"--checkpoint": "{lm_ckpt}", "--out": "{new_dir}"}),
     "hybridvlm.data.prepare_synth": Tiny(set={"--data_dir": "{new_dir}", "--frames": "16", "--train": "2",
                                               "--validation": "1", "--test": "1"}),
     "eval.bench_data": Tiny(add=("--runlocal",)),
+    "train.aot": Tiny(set={"--model": "tiny", "--devices": "8", "--mesh.data": "1", "--mesh.fsdp": "4",
+                           "--mesh.tensor": "2", "--frames": "4", "--image_size": "64", "--layers": "2",
+                           "--vision_layers": "1", "--text_tokens": "16", "--frame_text_tokens": "4"}),
+    "train.finetune": Tiny(set={"--workdir": "{new_dir}", "--config.steps": "2", "--config.batch_size": "2",
+                                "--config.optim.warmup_steps": "1", "--config.data.eval_examples": "2",
+                                "--config.eval_every": "2", "--config.checkpoint_every": "1",
+                                "--config.model.text.pattern": "M*-", "--config.model.vision.num_layers": "1",
+                                "--config.compute_dtype": "float32"}),
     "pytest": Tiny(skip="the test suite itself: CI runs it"),
 }
 
@@ -79,7 +88,7 @@ PLACEHOLDERS = {
 }
 # Flags naming files or directories: their README values must be placeholders above (or set by
 # COMMANDS), so a command never reads a path that does not exist or writes into the source tree.
-PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--data_dir")
+PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--data_dir", "--workdir")
 
 # Shell segments that set up the environment (CI does that) rather than run the project.
 SETUP = re.compile(r"^(python3? -m venv |\. |source |pip |python -m pip )")
@@ -171,7 +180,8 @@ def tiny_command(cmd: str) -> tuple[str, list[str]] | None:
     assert module in COMMANDS, (
         f"README command {cmd!r}: module {module!r} has no entry in COMMANDS (tests/test_readme_commands.py); "
         "add one with the flags that make it run in seconds")
-    tiny = COMMANDS[module]
+    # "MODULE --flag" entries: a mode of the module chosen by a flag of the command.
+    tiny = next((COMMANDS[f"{module} {a}"] for a in args if f"{module} {a}" in COMMANDS), COMMANDS[module])
     if tiny.skip:
         return None
     parsed = parse_flags(args)

@@ -221,8 +221,9 @@ def test_scoring_projection_equals_full_projection():
     cfg = tiny_config(pattern="M", use_bias=True, chunk_size=8)
     mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(3))
     # Non-zero biases so that their slicing is checked too.
-    mixer.in_proj_bias.set_value(jax.random.normal(jax.random.key(1), mixer.in_proj_bias.shape))
-    mixer.conv_bias.set_value(jax.random.normal(jax.random.key(2), mixer.conv_bias.shape))
+    for i, bias in enumerate((mixer.B_proj_bias, mixer.C_proj_bias, mixer.dt_proj_bias, mixer.conv_B_bias,
+                              mixer.conv_C_bias)):
+        bias.set_value(jax.random.normal(jax.random.key(i + 1), bias.shape))
     x = jax.random.normal(jax.random.key(0), (2, 11, cfg.hidden_size))
     layout = Layout.prompt(jnp.asarray(np.arange(11)[None] >= np.array([[0], [3]])))
     full, cheap = mixer.project(x, layout), mixer.project_scoring(x, layout)

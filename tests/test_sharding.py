@@ -186,9 +186,16 @@ SHARDED = textwrap.dedent("""
         lm + "2/mixer/o": (P("tensor", None, "fsdp"), (2, 8, 16)),
         lm + "1/mixer/up": (P("fsdp", "tensor"), (16, 32)),      # (embed 32, mlp 64)
         lm + "1/mixer/down": (P("tensor", "fsdp"), (32, 16)),
-        lm + "0/mixer/in_proj": (P("fsdp", "tensor"), (16, 50)),  # (embed, z 32 + xBC 64 + dt 4)
+        # Mamba parts (inner 32 = 4 heads x 8, 2 groups x state 8): each split within itself.
+        lm + "0/mixer/z_proj": (P("fsdp", "tensor"), (16, 16)),   # (embed 32, mamba_inner 32)
+        lm + "0/mixer/x_proj": (P("fsdp", "tensor"), (16, 16)),
+        lm + "0/mixer/B_proj": (P("fsdp", "tensor"), (16, 1, 8)),  # (embed, mamba_groups 2, mamba_state 8)
+        lm + "0/mixer/C_proj": (P("fsdp", "tensor"), (16, 1, 8)),
+        lm + "0/mixer/dt_proj": (P("fsdp", "tensor"), (16, 2)),   # (embed, mamba_heads 4)
         lm + "0/mixer/out_proj": (P("tensor", "fsdp"), (16, 16)),
-        lm + "0/mixer/conv_weight": (P(None, "tensor"), (4, 32)),
+        lm + "0/mixer/conv_x": (P(None, "tensor"), (4, 16)),      # (conv_kernel 4, mamba_inner 32)
+        lm + "0/mixer/conv_B": (P(None, "tensor"), (4, 1, 8)),
+        lm + "0/mixer/conv_x_bias": (P("tensor"), (16,)),
         lm + "0/mixer/A_log": (P("tensor"), (2,)),
         "language_model/embed": (P("tensor", "fsdp"), (32, 16)),  # (vocab 64, embed 32)
         "language_model/lm_head": (P("fsdp", "tensor"), (16, 32)),

@@ -86,8 +86,8 @@ def test_decay_and_freeze_masks_name_exactly_the_intended_parameters(model):
     _, params, _ = split_model(model)
     names = set(_leaves(params))
     no_decay = {n for n, d in _leaves(decay_mask(params)).items() if not d}
-    expected = {n for n in names if n.split("/")[-1] in ("A_log", "D", "dt_bias", "conv_bias", "bias", "b")
-                or "norm" in n.rsplit("/", 1)[0]}
+    no_decay_leaves = ("A_log", "D", "dt_bias", "conv_x_bias", "conv_B_bias", "conv_C_bias", "bias", "b")
+    expected = {n for n in names if n.split("/")[-1] in no_decay_leaves or "norm" in n.rsplit("/", 1)[0]}
     assert no_decay == expected
     for n in ("language_model/layers/0/mixer/A_log", "language_model/layers/0/mixer/D",
               "language_model/layers/0/mixer/dt_bias", "language_model/final_norm/weight",
@@ -95,7 +95,7 @@ def test_decay_and_freeze_masks_name_exactly_the_intended_parameters(model):
               "vision/blocks/0/norm1/bias", "vision/blocks/0/q/b"):
         assert n in no_decay, n
     for n in ("language_model/embed", "language_model/lm_head", "language_model/layers/1/mixer/q",
-              "language_model/layers/0/mixer/in_proj", "projector/linear_1", "vision/blocks/0/q/w"):
+              "language_model/layers/0/mixer/x_proj", "projector/linear_1", "vision/blocks/0/q/w"):
         assert n in names - no_decay, n
 
     def frozen(parts):
@@ -247,7 +247,7 @@ def test_training_under_a_plan_decreases_the_loss_and_frozen_params_stay(trained
     for n, x in trained["initial"].items():
         if n.startswith("vision/"):
             np.testing.assert_array_equal(now[n], x, err_msg=n)
-        elif n in ("projector/linear_1", "language_model/layers/0/mixer/in_proj", "language_model/lm_head"):
+        elif n in ("projector/linear_1", "language_model/layers/0/mixer/x_proj", "language_model/lm_head"):
             assert not np.array_equal(now[n], x), n
 
 

@@ -93,7 +93,7 @@ def compute_model_def(model: nnx.Module, dtype):
     return graphdef, params
 
 
-def _plan_lookup(plan_for_bucket) -> Callable[[int], Any]:
+def plan_lookup(plan_for_bucket) -> Callable[[int], Any]:
     if plan_for_bucket is None:
         return lambda frames: None
     if isinstance(plan_for_bucket, Mapping):
@@ -130,13 +130,14 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
       step(state: TrainState, batch: dict) -> (TrainState, metrics), metrics a dict of
       float32 scalars: loss (mean cross-entropy over the batch's answer tokens),
       accuracy (multiple-choice, over the same tokens), answer_tokens, grad_norm (global
-      norm of the float32 gradients before clipping), learning_rate (of this update).
+      norm of the float32 gradients before clipping), learning_rate (of this update),
+      tokens (real tokens of the batch, for throughput).
       batch: input_ids (b, L) int32, attention_mask (b, L) bool, pixel_values_videos
       (b, Bt, C, H, W) float32, labels (b, L) int32, loss_mask (b, L) bool, valid (b,)
       bool; b divisible by `optim_config.accumulate` (`step_inputs` picks these keys).
     """
     _check_remat(remat_policy)
-    lookup = _plan_lookup(plan_for_bucket)
+    lookup = plan_lookup(plan_for_bucket)
     accumulate = optim_config.accumulate
     schedule = optim_config.schedule()
     answer_ids = tuple(int(i) for i in answer_ids)
@@ -199,6 +200,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
             answer_tokens=aux["tokens"],
             grad_norm=grad_norm.astype(jnp.float32),
             learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         )
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng), metrics
 

@@ -1,12 +1,23 @@
 """Mamba-2 mixer of Nemotron-H.
 
-in_proj -> [z | xBC | dt]; causal depthwise conv1d (+bias) and SiLU on xBC;
-dt = clamp(softplus(dt + dt_bias), time_step_limit); A = -exp(A_log);
-SSD over heads with n_groups B/C groups; + D * x; group-wise gated RMSNorm
-with z; out_proj.
+[z | x | B | C | dt] projections of the input; causal depthwise conv1d
+(+bias) and SiLU on x, B and C; dt = clamp(softplus(dt + dt_bias),
+time_step_limit); A = -exp(A_log); SSD over heads with n_groups B/C groups;
++ D * x; group-wise gated RMSNorm with z; out_proj.
 
-Padding (attention_mask = 0) is zeroed before in_proj and after the conv,
-as the reference does, so padded positions leave the SSM state untouched.
+HF checkpoints store the input projection fused (`in_proj`, columns
+[z | x | B | C | dt]) and the conv fused over channels [x | B | C]. Here
+each part is its own parameter (`z_proj` ... `dt_proj`, `conv_x` ...), so
+tensor sharding splits each part along its own model-parallel dimension
+(inner channels, B/C groups, heads) instead of cutting across parts; the
+conv is depthwise, so running it per part is exact. `split_in_proj` /
+`split_conv` and `fuse_in_proj` / `fuse_conv` convert between the layouts
+(HF import and export). The decode state keeps the conv inputs fused
+([x | B | C] channels, as HF's cache).
+
+Padding (attention_mask = 0) is zeroed before the projections and after the
+conv, as the reference does, so padded positions leave the SSM state
+untouched.
 
 A sequence longer than `seq_block` tokens runs block after block, carrying
 the conv inputs and the SSM state (the recurrence the cache already carries
@@ -17,32 +28,90 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
 from hybridvlm.cache import Layout, MambaState
 from hybridvlm.config import LMConfig
-from hybridvlm.layers.init import const_param, normal_param, zeros_param
+from hybridvlm.layers.init import INIT_STD, const_param, normal_param, param, zeros_param
 from hybridvlm.layers.norm import GatedRMSNorm
 from hybridvlm.ops.blocks import block_plan, map_blocks
 from hybridvlm.ops.dense import dense
 from hybridvlm.ssd import ssd, ssd_step
 
+# Parts of HF's fused in_proj output and conv channels, in their stored order.
+PROJ_PARTS = ("z", "x", "B", "C", "dt")
+CONV_PARTS = ("x", "B", "C")
+GROUPED = ("B", "C")  # parts stored (..., groups, state)
 
-def causal_conv(xbc, weight, bias, prefix, end=None):
-    """Depthwise causal conv over time.
+
+def _part_widths(cfg: LMConfig, parts) -> list[int]:
+    inner, gn, h = cfg.mamba_intermediate, cfg.n_groups * cfg.ssm_state_size, cfg.mamba_num_heads
+    return [{"z": inner, "x": inner, "B": gn, "C": gn, "dt": h}[p] for p in parts]
+
+
+def _split(fused, cfg: LMConfig, parts, only=None) -> dict:
+    """Splits the last axis of `fused` (numpy or jax) into `parts` (or just
+    the parts in `only`); B and C come back as (..., groups, state)."""
+    widths = _part_widths(cfg, parts)
+    if fused.shape[-1] != sum(widths):
+        raise ValueError(f"fused Mamba axis has {fused.shape[-1]} channels, the config implies {sum(widths)}")
+    out, lo = {}, 0
+    for part, width in zip(parts, widths):
+        if only is None or part in only:
+            piece = fused[..., lo:lo + width]
+            if part in GROUPED:
+                piece = piece.reshape(*piece.shape[:-1], cfg.n_groups, cfg.ssm_state_size)
+            out[part] = piece
+        lo += width
+    return out
+
+
+def _fuse(pieces: dict, parts):
+    """Inverse of `_split`: the parts concatenated on the last axis (numpy or jax arrays)."""
+    flat = [pieces[p].reshape(*pieces[p].shape[:-2], -1) if p in GROUPED else pieces[p] for p in parts]
+    xp = np if all(isinstance(f, np.ndarray) for f in flat) else jnp
+    return xp.concatenate(flat, axis=-1)
+
+
+def split_in_proj(fused, cfg: LMConfig, only=None) -> dict:
+    """HF's fused in_proj (in our (d, proj) layout) or its bias (proj,) ->
+    {"z", "x": (..., inner), "B", "C": (..., groups, state), "dt": (..., heads)}
+    (only the parts named in `only`, if given)."""
+    return _split(fused, cfg, PROJ_PARTS, only)
+
+
+def split_conv(fused, cfg: LMConfig, only=None) -> dict:
+    """Fused conv taps (k, conv_dim), bias (conv_dim,) or state (b, k - 1, conv_dim)
+    -> {"x": (..., inner), "B", "C": (..., groups, state)} (or the parts in `only`)."""
+    return _split(fused, cfg, CONV_PARTS, only)
+
+
+def fuse_in_proj(pieces: dict):
+    """Inverse of `split_in_proj`."""
+    return _fuse(pieces, PROJ_PARTS)
+
+
+def fuse_conv(pieces: dict):
+    """Inverse of `split_conv`."""
+    return _fuse(pieces, CONV_PARTS)
+
+
+def causal_conv(u, weight, bias, prefix, end=None):
+    """Depthwise causal conv over time, channel by channel.
 
     Args:
-      xbc: (b, t, c) inputs; weight: (k, c) taps, oldest first; bias: (c,) or None.
-      prefix: (b, k - 1, c) inputs preceding xbc (zeros at sequence start).
+      u: (b, t, *c) inputs; weight: (k, *c) taps, oldest first; bias: (*c,) or None.
+      prefix: (b, k - 1, *c) inputs preceding u (zeros at sequence start).
       end: None, or a traced count of real positions (the rest is padding).
     Returns:
-      (b, t, c) outputs and the new prefix (b, k - 1, c): the last k - 1
+      (b, t, *c) outputs and the new prefix (b, k - 1, *c): the last k - 1
       inputs (before `end`).
     """
     k = weight.shape[0]
-    t = xbc.shape[1]
-    full = jnp.concatenate([prefix.astype(xbc.dtype), xbc], axis=1)  # (b, k-1+t, c)
+    t = u.shape[1]
+    full = jnp.concatenate([prefix.astype(u.dtype), u], axis=1)  # (b, k-1+t, *c)
     # Sum of k shifted views: cheap for the small kernels Mamba uses (k = 4).
     out = sum(full[:, i : i + t] * weight[i] for i in range(k))
     if bias is not None:
@@ -52,15 +121,35 @@ def causal_conv(xbc, weight, bias, prefix, end=None):
     return out, full[:, full.shape[1] - (k - 1) :]
 
 
+def _names(part: str) -> tuple[str, ...]:
+    """Logical names of one part's channel dimensions."""
+    return {"z": ("mamba_inner",), "x": ("mamba_inner",), "B": ("mamba_groups", "mamba_state"),
+            "C": ("mamba_groups", "mamba_state"), "dt": ("mamba_heads",)}[part]
+
+
 class Mamba2Mixer(nnx.Module):
+    """Parameters (d = hidden, e = inner = heads * head_dim, g groups, n state, k taps):
+    z_proj, x_proj (d, e); B_proj, C_proj (d, g, n); dt_proj (d, heads), and
+    `<part>_proj_bias` when `use_bias`; conv_x (k, e), conv_B, conv_C (k, g, n)
+    and `conv_<part>_bias` when `use_conv_bias`; dt_bias, A_log, D (heads,);
+    norm (e,); out_proj (e, d)."""
+
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
         d, h, inner = cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_intermediate
         proj = inner + cfg.conv_dim + h
-        self.in_proj = normal_param(rngs, (d, proj), ("embed", "mamba_proj"), dtype)
-        self.in_proj_bias = zeros_param((proj,), ("mamba_proj",), dtype) if cfg.use_bias else None
-        self.conv_weight = normal_param(rngs, (cfg.conv_kernel, cfg.conv_dim), ("conv_kernel", "mamba_conv"), dtype, std=0.2)
-        self.conv_bias = zeros_param((cfg.conv_dim,), ("mamba_conv",), dtype) if cfg.use_conv_bias else None
+        # Drawn fused and split, so a fresh model's values (and RNG stream) match the fused layout's.
+        normal = lambda shape, std: (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        w_in = split_in_proj(normal((d, proj), INIT_STD), cfg)
+        w_conv = split_conv(normal((cfg.conv_kernel, cfg.conv_dim), 0.2), cfg)
+        for part in PROJ_PARTS:
+            setattr(self, f"{part}_proj", param(w_in[part], ("embed",) + _names(part)))
+            bias = jnp.zeros(w_in[part].shape[1:], dtype)
+            setattr(self, f"{part}_proj_bias", param(bias, _names(part)) if cfg.use_bias else None)
+        for part in CONV_PARTS:
+            setattr(self, f"conv_{part}", param(w_conv[part], ("conv_kernel",) + _names(part)))
+            bias = jnp.zeros(w_conv[part].shape[1:], dtype)
+            setattr(self, f"conv_{part}_bias", param(bias, _names(part)) if cfg.use_conv_bias else None)
         # dt_bias = softplus^-1 of steps log-uniform in [1e-3, 1e-1], A in [1, 16]:
         # the usual Mamba-2 init, so that a fresh model is numerically sane.
         key_dt, key_a = jax.random.split(rngs.params())
@@ -79,12 +168,33 @@ class Mamba2Mixer(nnx.Module):
             ssm=jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), jnp.float32),
         )
 
+    def _project_in(self, part: str, xm):
+        """xm: (b, t, d) masked inputs -> part's projection (b, t, e) / (b, t, g, n) / (b, t, h)."""
+        spec = "btd,dgn->btgn" if part in GROUPED else "btd,de->bte"
+        y = dense(spec, xm, getattr(self, f"{part}_proj")[...])
+        bias = getattr(self, f"{part}_proj_bias")
+        return y if bias is None else y + bias[...]
+
+    def _conv(self, part: str, u, prefix, keep, end=None):
+        """Causal conv + SiLU of one part, zero at padding; returns (out, new prefix)."""
+        bias = getattr(self, f"conv_{part}_bias")
+        out, state = causal_conv(u, getattr(self, f"conv_{part}")[...], None if bias is None else bias[...],
+                                 prefix, end)
+        keep = keep.reshape(keep.shape + (1,) * (out.ndim - 2))
+        return jnp.where(keep, jax.nn.silu(out), 0).astype(u.dtype), state
+
+    def _dt(self, raw):
+        """(b, t, h) dt projection -> float32 step sizes after softplus and clamp."""
+        lo, hi = self.cfg.time_step_limit
+        return jnp.clip(jax.nn.softplus(raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)), lo, hi)
+
     def project(self, x, layout: Layout, conv_prefix=None, end=None):
-        """in_proj, causal conv and the SSM parameters for x's tokens.
+        """The input projections, causal conv and the SSM parameters for x's tokens.
 
         Args:
           x: (b, t, d) normed hidden states; layout: token validity.
-          conv_prefix: (b, k - 1, conv_dim) inputs before x, or None (zeros).
+          conv_prefix: (b, k - 1, conv_dim) fused [x | B | C] inputs before x,
+            or None (zeros).
           end: None, or a traced count of real positions in x: the positions
             after it are padding of the last sequence block, kept out of the
             state (dt = 0 there; the conv state is the inputs before `end`).
@@ -94,34 +204,24 @@ class Mamba2Mixer(nnx.Module):
                conv_state (b, k - 1, conv_dim)).
         """
         cfg = self.cfg
-        b = x.shape[0]
-        h, g, n = cfg.mamba_num_heads, cfg.n_groups, cfg.ssm_state_size
-        inner = cfg.mamba_intermediate
-        keep = layout.valid[..., None]
-
-        zxbcdt = dense("btd,de->bte", jnp.where(keep, x, 0).astype(x.dtype), self.in_proj[...])
-        if self.in_proj_bias is not None:
-            zxbcdt = zxbcdt + self.in_proj_bias[...]
-        z, xbc, dt = jnp.split(zxbcdt, [inner, inner + cfg.conv_dim], axis=-1)
-
-        prefix = self.zero_state(b, x.dtype).conv if conv_prefix is None else conv_prefix
-        bias = None if self.conv_bias is None else self.conv_bias[...]
-        xbc, conv_state = causal_conv(xbc, self.conv_weight[...], bias, prefix, end)
-        xbc = jnp.where(keep, jax.nn.silu(xbc), 0).astype(x.dtype)
-        xs, B, C = jnp.split(xbc, [inner, inner + g * n], axis=-1)
-
-        lo, hi = cfg.time_step_limit
-        dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)), lo, hi)
+        keep = layout.valid
+        xm = jnp.where(keep[..., None], x, 0).astype(x.dtype)
+        prefix = self.zero_state(x.shape[0], x.dtype).conv if conv_prefix is None else conv_prefix
+        prefixes = split_conv(prefix, cfg)
+        conv, states = {}, {}
+        for part in CONV_PARTS:
+            conv[part], states[part] = self._conv(part, self._project_in(part, xm), prefixes[part], keep, end)
+        dt = self._dt(self._project_in("dt", xm))
         if end is not None:
             dt = jnp.where((jnp.arange(x.shape[1]) < end)[:, None], dt, 0.0)
         return dict(
-            z=z,
-            x=rearrange(xs, "b t (h p) -> b t h p", h=h),
-            B=rearrange(B, "b t (g n) -> b t g n", g=g),
-            C=rearrange(C, "b t (g n) -> b t g n", g=g),
+            z=self._project_in("z", xm),
+            x=rearrange(conv["x"], "b t (h p) -> b t h p", h=cfg.mamba_num_heads),
+            B=conv["B"],
+            C=conv["C"],
             dt=dt,
             A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
-            conv_state=conv_state,
+            conv_state=fuse_conv(states),
         )
 
     def project_scoring(self, x, layout: Layout):
@@ -129,32 +229,19 @@ class Mamba2Mixer(nnx.Module):
 
         Equal to `project(...)`'s values (the conv is depthwise, so B and C
         need only their own channels) at a fraction of the cost: the z and x
-        columns of in_proj, most of its width, are skipped.
+        projections, most of the input projection's width, are skipped.
         """
         cfg = self.cfg
-        inner, g, n, h = cfg.mamba_intermediate, cfg.n_groups, cfg.ssm_state_size, cfg.mamba_num_heads
-        bc = slice(2 * inner, 2 * inner + 2 * g * n)  # in_proj columns of B and C
-        dtc = slice(inner + cfg.conv_dim, inner + cfg.conv_dim + h)
-        keep = layout.valid[..., None]
-        xm = jnp.where(keep, x, 0).astype(x.dtype)
-        w = self.in_proj[...]
-        proj_bc = dense("btd,de->bte", xm, w[:, bc])
-        proj_dt = dense("btd,dh->bth", xm, w[:, dtc])
-        if self.in_proj_bias is not None:
-            proj_bc = proj_bc + self.in_proj_bias[...][bc]
-            proj_dt = proj_dt + self.in_proj_bias[...][dtc]
-        conv_ch = slice(inner, inner + 2 * g * n)  # the same channels within the conv
-        bias = None if self.conv_bias is None else self.conv_bias[...][conv_ch]
-        prefix = jnp.zeros((x.shape[0], cfg.conv_kernel - 1, 2 * g * n), x.dtype)
-        bc_out, _ = causal_conv(proj_bc, self.conv_weight[...][:, conv_ch], bias, prefix)
-        bc_out = jnp.where(keep, jax.nn.silu(bc_out), 0).astype(x.dtype)
-        B, C = jnp.split(bc_out, 2, axis=-1)
-        lo, hi = cfg.time_step_limit
-        dt = jax.nn.softplus(proj_dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        keep = layout.valid
+        xm = jnp.where(keep[..., None], x, 0).astype(x.dtype)
+        out = {}
+        for part in GROUPED:
+            prefix = jnp.zeros((x.shape[0], cfg.conv_kernel - 1, cfg.n_groups, cfg.ssm_state_size), x.dtype)
+            out[part], _ = self._conv(part, self._project_in(part, xm), prefix, keep)
         return dict(
-            B=rearrange(B, "b t (g n) -> b t g n", g=g),
-            C=rearrange(C, "b t (g n) -> b t g n", g=g),
-            dt=jnp.clip(dt, lo, hi),
+            B=out["B"],
+            C=out["C"],
+            dt=self._dt(self._project_in("dt", xm)),
             A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
         )
 

@@ -1,0 +1,99 @@
+"""Finetuning on SynthVideoQA: `python -m train.finetune --config configs/finetune_synth.py --workdir DIR`.
+
+Every field can be overridden on the command line (`--config.steps=500`,
+`--config.mesh.tensor=2`, `--config.reduction.shape=step --config.reduction.budget=0.25`);
+`python -m train.finetune --help` lists them. With the defaults the job needs nothing
+prepared: SynthVideoQA clips are generated on the fly from `seed`, and the model is a
+fresh initialisation of `model` (a small hybrid video VLM that trains on a laptop CPU).
+
+Fields:
+  init: None (fresh `model`), an HF checkpoint directory of the Nemotron Nano VL family,
+    or a hybridvlm checkpoint (`python -m hybridvlm.convert`); `model` is then ignored.
+  data.train / data.eval: "synth" (generated from `seed`: train and validation splits of
+    `data.train_examples` / `data.eval_examples` clips of `data.frames` frames,
+    `data.frame_size` pixels), "synth:DIR" (a split prepared by
+    `python -m hybridvlm.data.prepare_synth` with the same frames and size), "jsonl:FILE"
+    (the local format), or "<benchmark>:DIR" (videomme, longvideobench, lvbench, mlvu);
+    data.eval "" = no evaluation.
+  data.buckets: frame buckets, comma separated (a static shape, and a plan, per bucket).
+  reduction.shape: None (no reduction) or a plan of `reduction.plan.NAMED` ("step" is the
+    paper's progressive schedule) at reduction.budget (the kept share of visual-token
+    layer-compute, e.g. 0.25); one static plan per frame bucket.
+  optim.freeze: parts kept fixed, comma separated, among vision, projector, lm, lm_embed.
+  remat: None or a `hybridvlm.lm.REMAT_POLICIES` name (per LM layer and vision tower).
+  mesh.data / mesh.fsdp / mesh.tensor: device mesh axis sizes, one may be -1 (the rest).
+  compilation_cache: a directory for JAX's persistent compilation cache (None: off).
+  distributed: None (initialise `jax.distributed` when the environment describes a
+    multi-process job), True or False.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init = config_dict.placeholder(str)
+    # A small hybrid video VLM: 2-block RADIO-style tower (patch 16) on 64x64 frames,
+    # 2-frame tubelets -> 4x4 patches -> pixel shuffle -> 4 tokens per tubelet, and a
+    # 6-layer LM with all three layer kinds.
+    c.model = ml_collections.ConfigDict(dict(
+        text=dict(
+            vocab_size=262,  # hybridvlm.tokenizer.byte_tokenizer()
+            hidden_size=128,
+            pattern="M-M*-M",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            mamba_num_heads=8,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=(2,),
+        ),
+        vision=dict(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            patch_size=16,
+            max_img_size=64,
+            mlp_ratio=2.0,
+            num_cls_tokens=2,
+            num_registers=2,
+            video_temporal_patch_size=2,
+        ),
+        image_token_id=261,  # "<image>" in the byte tokenizer
+        projector_hidden_size=128,
+        image_size=64,
+    ))
+    c.steps = 200
+    c.batch_size = 8
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 3
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.1, weight_decay=0.05, b1=0.9, b2=0.95,
+        clip_norm=1.0, accumulate=1, freeze=""))
+    c.data = ml_collections.ConfigDict(dict(
+        train="synth", eval="synth", frames=16, frame_size=64, buckets="16", train_examples=20_000,
+        eval_examples=64, workers=0))
+    c.reduction = ml_collections.ConfigDict(dict(shape=config_dict.placeholder(str),
+                                                 budget=config_dict.placeholder(float)))
+    c.remat = config_dict.placeholder(str)
+    # Activations' dtype on float32 master weights; "auto": bfloat16 on TPU/GPU, float32 on CPU.
+    c.compute_dtype = "auto"
+    c.distributed = config_dict.placeholder(bool)
+    c.tensorboard = True
+    # JAX's persistent compilation cache directory (None: off); a restarted or resumed job
+    # then loads its compiled programs instead of compiling them again.
+    c.compilation_cache = config_dict.placeholder(str)
+    return c

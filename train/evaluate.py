@@ -1,0 +1,61 @@
+"""Validation during finetuning: answer-token loss and multiple-choice accuracy over an eval split.
+
+    eval_step = layout.jit_eval(make_eval_step(graphdef, rest, answer_ids=ids, plan_for_bucket=plans))
+    metrics = evaluate(eval_step, state.params, eval_pipeline(...))   # {"eval_loss", "eval_accuracy", ...}
+
+The same forward as training (compute dtype, the bucket's reduction plan, only the answer
+positions' logits), without gradients. Padding rows of the eval pipeline (`valid` False)
+are not counted; every readable example is scored exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.loss import answer_loss
+from train.step import STEP_KEYS, plan_lookup, compute_model_def
+
+
+def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16,
+                   max_answer_tokens: int = 1):
+    """eval_step(params, batch) -> dict of float32 sums: loss_sum, tokens, correct.
+
+    Arguments as `train.step.make_train_step`; params are the float32 master weights."""
+    lookup = plan_lookup(plan_for_bucket)
+    answer_ids = tuple(int(i) for i in answer_ids)
+    compute = {}
+
+    def eval_step(params, batch):
+        batch = {k: jnp.asarray(batch[k]) for k in STEP_KEYS if k in batch}
+        model = nnx.merge(graphdef, params, rest)
+        if "def" not in compute:
+            compute["def"] = (graphdef, None) if jnp.dtype(compute_dtype) == model.dtype else \
+                compute_model_def(model, compute_dtype)
+        cgraph, cparams = compute["def"]
+        if cparams is not None:
+            params = jax.tree_util.tree_map(lambda x, like: x.astype(like.dtype), params, cparams)
+        frames = batch["pixel_values_videos"].shape[1] * model.config.temporal_patch_size
+        _, aux = answer_loss(nnx.merge(cgraph, params, rest), batch, answer_ids=answer_ids,
+                             reduction=lookup(frames), max_answer_tokens=max_answer_tokens)
+        return aux
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Runs eval_step over every batch; returns eval_loss (mean cross-entropy per answer
+    token), eval_accuracy (share of answers whose top option letter is right) and
+    eval_examples (answer tokens scored)."""
+    sums = dict(loss_sum=0.0, tokens=0.0, correct=0.0)
+    for batch in batches:
+        out = jax.device_get(eval_step(params, {k: batch[k] for k in STEP_KEYS if k in batch}))
+        for k in sums:
+            sums[k] += float(np.asarray(out[k]))
+    n = max(sums["tokens"], 1.0)
+    return dict(eval_loss=sums["loss_sum"] / n, eval_accuracy=sums["correct"] / n, eval_examples=sums["tokens"])
