@@ -30,6 +30,8 @@ Fields:
 import ml_collections
 from ml_collections import config_dict
 
+from configs import tiny_lm, tiny_vlm
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
@@ -40,35 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2-frame tubelets -> 4x4 patches -> pixel shuffle -> 4 tokens per tubelet, and a
     # 6-layer LM with all three layer kinds.
     c.model = ml_collections.ConfigDict(dict(
-        text=dict(
-            vocab_size=262,  # hybridvlm.tokenizer.byte_tokenizer()
-            hidden_size=128,
-            pattern="M-M*-M",
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            intermediate_size=256,
-            mamba_num_heads=8,
-            mamba_head_dim=16,
-            ssm_state_size=16,
-            n_groups=2,
-            conv_kernel=4,
-            chunk_size=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=(2,),
-        ),
-        vision=dict(
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            patch_size=16,
-            max_img_size=64,
-            mlp_ratio=2.0,
-            num_cls_tokens=2,
-            num_registers=2,
-            video_temporal_patch_size=2,
-        ),
+        # tiny_lm's LM (byte-level vocabulary) with one attention layer fewer and longer SSD chunks.
+        text=dict(tiny_lm.get_config().model, pattern="M-M*-M", chunk_size=64),
+        vision=dict(tiny_vlm.get_config().vision, max_img_size=64),
         image_token_id=261,  # "<image>" in the byte tokenizer
         projector_hidden_size=128,
         image_size=64,

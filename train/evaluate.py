@@ -16,10 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from train.loss import answer_loss
-from train.step import STEP_KEYS, plan_lookup, compute_model_def
+from train.step import STEP_KEYS, compute_model_fn, plan_lookup
 
 
 def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16,
@@ -29,20 +28,14 @@ def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_
     Arguments as `train.step.make_train_step`; params are the float32 master weights."""
     lookup = plan_lookup(plan_for_bucket)
     answer_ids = tuple(int(i) for i in answer_ids)
-    compute = {}
+    to_model = compute_model_fn(graphdef, rest, compute_dtype)
 
     def eval_step(params, batch):
         batch = {k: jnp.asarray(batch[k]) for k in STEP_KEYS if k in batch}
-        model = nnx.merge(graphdef, params, rest)
-        if "def" not in compute:
-            compute["def"] = (graphdef, None) if jnp.dtype(compute_dtype) == model.dtype else \
-                compute_model_def(model, compute_dtype)
-        cgraph, cparams = compute["def"]
-        if cparams is not None:
-            params = jax.tree_util.tree_map(lambda x, like: x.astype(like.dtype), params, cparams)
+        model = to_model(params)
         frames = batch["pixel_values_videos"].shape[1] * model.config.temporal_patch_size
-        _, aux = answer_loss(nnx.merge(cgraph, params, rest), batch, answer_ids=answer_ids,
-                             reduction=lookup(frames), max_answer_tokens=max_answer_tokens)
+        _, aux = answer_loss(model, batch, answer_ids=answer_ids, reduction=lookup(frames),
+                             max_answer_tokens=max_answer_tokens)
         return aux
 
     return eval_step

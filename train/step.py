@@ -93,6 +93,25 @@ def compute_model_def(model: nnx.Module, dtype):
     return graphdef, params
 
 
+def compute_model_fn(graphdef, rest, compute_dtype) -> Callable[[Any], nnx.Module]:
+    """params (float32 masters) -> the model computing in `compute_dtype`: each parameter cast
+    to the dtype the compute-dtype model holds it in, merged into that model's graph (built
+    once, at the first call; the masters' graph when the dtypes agree)."""
+    cache = {}
+
+    def to_model(params):
+        if "def" not in cache:
+            model = nnx.merge(graphdef, params, rest)  # at trace time: only its class and config are read
+            cache["def"] = (graphdef, None) if jnp.dtype(compute_dtype) == model.dtype else \
+                compute_model_def(model, compute_dtype)
+        cgraph, cparams = cache["def"]
+        if cparams is not None:
+            params = jax.tree_util.tree_map(lambda x, like: x.astype(like.dtype), params, cparams)
+        return nnx.merge(cgraph, params, rest)
+
+    return to_model
+
+
 def plan_lookup(plan_for_bucket) -> Callable[[int], Any]:
     if plan_for_bucket is None:
         return lambda frames: None
@@ -141,30 +160,20 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
     accumulate = optim_config.accumulate
     schedule = optim_config.schedule()
     answer_ids = tuple(int(i) for i in answer_ids)
-    compute = {}  # graphdef and abstract params of the compute-dtype model, built at the first trace
-
-    def compute_def(model):
-        if "def" not in compute:
-            compute["def"] = (graphdef, None) if jnp.dtype(compute_dtype) == model.dtype else \
-                compute_model_def(model, compute_dtype)
-        return compute["def"]
+    to_model = compute_model_fn(graphdef, rest, compute_dtype)
 
     def step(state: TrainState, batch):
         batch = {k: jnp.asarray(batch[k]) for k in STEP_KEYS if k in batch}
         model = nnx.merge(graphdef, state.params, rest)  # at trace time: the config
         frames = batch["pixel_values_videos"].shape[1] * model.config.temporal_patch_size
         plan = lookup(frames)
-        cgraph, cparams = compute_def(model)
         labels = freeze_labels(state.params, optim_config.freeze)
         normalizer = jnp.sum(answer_weights(batch, max_answer_tokens)[1].astype(jnp.float32))
 
         def loss_fn(params, micro):
             params = jax.tree_util.tree_map(lambda x, lab: jax.lax.stop_gradient(x) if lab == FROZEN else x,
                                             params, labels)
-            if cparams is not None:  # each parameter in the dtype the compute-dtype model holds it in
-                params = jax.tree_util.tree_map(lambda x, like: x.astype(like.dtype), params, cparams)
-            m = nnx.merge(cgraph, params, rest)
-            return answer_loss(m, micro, answer_ids=answer_ids, reduction=plan, remat=remat_policy,
+            return answer_loss(to_model(params), micro, answer_ids=answer_ids, reduction=plan, remat=remat_policy,
                                normalizer=normalizer, max_answer_tokens=max_answer_tokens)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
