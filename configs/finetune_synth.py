@@ -15,7 +15,12 @@ Fields:
     `python -m hybridvlm.data.prepare_synth` with the same frames and size), "jsonl:FILE"
     (the local format), or "<benchmark>:DIR" (videomme, longvideobench, lvbench, mlvu);
     data.eval "" = no evaluation.
+  data.frames: frames per generated video; several (comma separated) are taken in turn.
   data.buckets: frame buckets, comma separated (a static shape, and a plan, per bucket).
+  data.frame_text_tokens / data.text_tokens: a row's text budget (per frame label; question,
+    options and instruction), which sets each bucket's static row length.
+  tokenizer: the built-in tokenizer of a fresh model, "byte" or "synth" (whole words of
+    SynthVideoQA prompts; a prompt several times shorter); an `init` checkpoint brings its own.
   reduction.shape: None (no reduction) or a plan of `reduction.plan.NAMED` ("step" is the
     paper's progressive schedule) at reduction.budget (the kept share of visual-token
     layer-compute, e.g. 0.25); one static plan per frame bucket.
@@ -49,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         projector_hidden_size=128,
         image_size=64,
     ))
+    c.tokenizer = "byte"  # a fresh model's: "byte" or "synth" (hybridvlm.tokenizer.TOKENIZERS)
     c.steps = 200
     c.batch_size = 8
     c.log_every = 10
@@ -60,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.1, weight_decay=0.05, b1=0.9, b2=0.95,
         clip_norm=1.0, accumulate=1, freeze=""))
     c.data = ml_collections.ConfigDict(dict(
-        train="synth", eval="synth", frames=16, frame_size=64, buckets="16", train_examples=20_000,
-        eval_examples=64, workers=0))
+        train="synth", eval="synth", frames="16", frame_size=64, buckets="16", train_examples=20_000,
+        eval_examples=64, workers=0, frame_text_tokens=40, text_tokens=384))
     c.reduction = ml_collections.ConfigDict(dict(shape=config_dict.placeholder(str),
                                                  budget=config_dict.placeholder(float)))
     c.remat = config_dict.placeholder(str)

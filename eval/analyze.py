@@ -4,6 +4,7 @@
     python -m eval.analyze --help                            # flags and config fields
     python -m eval.analyze --checkpoint DIR --video a.mp4 --video b.mp4 --question "..." --out results/
     python -m eval.analyze --num_examples 5 --config.max_frames=8 --json out/analysis.json
+    python -m eval.analyze --checkpoint DIR --data synth:test --num_examples 16 --config.max_frames=32
 
 For each example (a video and the question), the LM runs WITHOUT pruning and
 the language-aware score of every visual token is recorded before every layer
@@ -51,8 +52,12 @@ from ml_collections import config_flags
 
 import configs
 from eval import inputs
+from eval.qa_harness import open_records
 from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.cache import Layout
+from hybridvlm.data.pipeline import PipelineConfig
+from hybridvlm.data.pipeline_example import PrepareExample, Skipped
+from hybridvlm.data.records import LETTERS
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
 from reduction import analysis
@@ -70,7 +75,12 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", configs.path("tiny_vlm"), "ml_collections config file.")
     flags.DEFINE_string("checkpoint", None, "HF or hybridvlm VLM checkpoint directory (default: tiny random VLM).")
     flags.DEFINE_multi_string("video", None, "Video file; repeat for several examples (default: generated clips).")
-    flags.DEFINE_integer("num_examples", 3, "Generated clips when no --video is given.", lower_bound=1)
+    flags.DEFINE_integer("num_examples", 3, "Generated clips when no --video is given (or questions of --data).",
+                         lower_bound=1)
+    flags.DEFINE_string("data", None, "Questions with their videos instead of --video/--question: synth:SPLIT "
+                                      "(SynthVideoQA generated from --seed, config.max_frames frames), synth:DIR, "
+                                      "jsonl:FILE or BENCHMARK:DIR (as eval.videoqa).")
+    flags.DEFINE_integer("seed", 0, "Base seed of generated SynthVideoQA (--data synth:SPLIT).", lower_bound=0)
     flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
     flags.DEFINE_string("out", None, "Output directory (default: --json's directory, else a new temporary "
                         "directory, printed).")
@@ -87,9 +97,11 @@ def define_flags() -> None:
 
 
 def check_args(cfg, *, checkpoint=None, videos=None, num_examples=3, out_dir=None, json_path=None, mass=0.9,
-               topk_frac=0.25) -> None:
+               topk_frac=0.25, data=None) -> None:
     """Checks the inputs without building the model: UsageError / cli.InputError naming the flag."""
     inputs.check_generation_config(cfg)
+    if data is not None and videos:
+        raise cli.UsageError("--data, --video: give one of them, not both")
     cli_checks.in_range("--mass", mass, 0.0, 1.0, low_open=True)
     cli_checks.in_range("--topk_frac", topk_frac, 0.0, 1.0, low_open=True)
     if not videos:
@@ -301,8 +313,38 @@ def print_table(result) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def data_examples(model: NemotronHVLModel, tok, cfg, data: str, *, seed: int, num_examples: int):
+    """[(ids, tubelets (T, 6, S, S), info)] of the first `num_examples` questions of a data
+    spec (`eval.videoqa`'s), each with its own question and options after its video."""
+    vc = model.config
+    side = vc.image_size or inputs.DEFAULT_IMAGE_SIZE
+    tp = vc.temporal_patch_size
+    bucket = -(-cfg.max_frames // tp) * tp
+    try:
+        records = open_records(data, seed=seed, num_examples=num_examples, frames=[cfg.max_frames], frame_size=side)
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.InputError(str(e) if str(e).startswith("--data") else f"--data: {e}") from None
+    pcfg = PipelineConfig.for_model(vc, batch_size=1, buckets=(bucket,), max_frames=cfg.max_frames, fps=cfg.fps)
+    prep = PrepareExample(pcfg, tok, train=False)
+    out = []
+    for record in records:
+        ex = prep(record)
+        if isinstance(ex, Skipped):
+            raise cli.InputError(f"--data: {data}: {ex.uid}: {ex.reason}")
+        ids = ex.ids.tolist()
+        letter = LETTERS[ex.answer] if ex.answer >= 0 else None
+        info = dict(name=re.sub(r"[^A-Za-z0-9_.-]+", "_", record.uid), uid=record.uid, task=record.task,
+                    question=record.question, answer=letter, frames=ex.num_frames,
+                    timestamps=[round(float(t), 3) for t in ex.timestamps], tubelets=int(ex.tubelets.shape[0]),
+                    tokens_per_tubelet=pcfg.tokens_per_tubelet, prompt_tokens=len(ids),
+                    visual_tokens=int(sum(t == vc.image_token_id for t in ids)))
+        out.append((ids, np.asarray(ex.tubelets, np.float32), info))
+    return out
+
+
 def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out_dir=None, json_path=None,
-        mass=0.9, topk_frac=0.25, score_cfg: ScoreConfig | None = None, save_scores=False, verbose=True) -> dict:
+        mass=0.9, topk_frac=0.25, score_cfg: ScoreConfig | None = None, save_scores=False, verbose=True,
+        data: str | None = None, seed: int = 0) -> dict:
     """Runs the analysis and writes the outputs; returns the JSON dict."""
     import matplotlib
 
@@ -310,7 +352,7 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
     t0 = time.perf_counter()
     score_cfg = score_cfg or ScoreConfig()
     check_args(cfg, checkpoint=checkpoint, videos=videos, num_examples=num_examples, out_dir=out_dir,
-               json_path=json_path, mass=mass, topk_frac=topk_frac)
+               json_path=json_path, mass=mass, topk_frac=topk_frac, data=data)
     out_dir, json_path = output_paths(out_dir, json_path)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -319,10 +361,16 @@ def run(cfg, *, checkpoint=None, videos=None, num_examples=3, question=None, out
 
     model, tok, label, untrained = load_model(cfg, checkpoint)
     question = cfg.question if question is None else question
-    generated = not videos
+    generated = not videos and data is None
     examples, infos = [], []
+    if data is not None:
+        examples = data_examples(model, tok, cfg, data, seed=seed, num_examples=num_examples)
+        infos = [info for _, _, info in examples]
+        question = "(each example's own)"
     with tempfile.TemporaryDirectory() as tmp:
-        if generated:
+        if data is not None:
+            videos = []
+        elif generated:
             videos = []
             for i in range(num_examples):
                 path = os.path.join(tmp, f"clip{i}.mp4")
@@ -394,7 +442,7 @@ def main(argv):
     score_cfg = ScoreConfig(mamba_mode=F.mamba_mode, max_query=F.max_query)
     run(F.config, checkpoint=F.checkpoint, videos=F.video, num_examples=F.num_examples, question=F.question,
         out_dir=F.out, json_path=F.json, mass=F.mass, topk_frac=F.topk_frac, score_cfg=score_cfg,
-        save_scores=F.save_scores)
+        save_scores=F.save_scores, data=F.data, seed=F.seed)
 
 
 if __name__ == "__main__":

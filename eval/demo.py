@@ -1,21 +1,24 @@
-"""Demo: a video and a question -> the answer, with the prefill time.
+"""Demo: a video and a question -> the answer, with the full and the reduced prefill side by side.
 
-    python -m eval.demo                                          # embedded default
+    python -m eval.demo                                          # a SynthVideoQA question, default model
+    python -m eval.demo --seed 7 --clip_out clip.png             # the same question every time; frames as PNG
     python -m eval.demo --video clip.mp4 --question "..." --checkpoint DIR
     python -m eval.demo --image photo.png --question "..." --checkpoint DIR
     python -m eval.demo --checkpoint LM_DIR --question "..."     # text-only LM
-    python -m eval.demo --config.max_frames=32 --config.fps=2.0  # override config fields
+    python -m eval.demo --config.max_frames=32                   # override config fields
     python -m eval.demo --help                                   # flags and config fields
 
-With no arguments it writes a short procedurally generated clip to a
-temporary directory and answers with the tiny **randomly initialised,
-untrained** VLM of configs/tiny_vlm.py and a byte-level tokenizer: nothing
-is downloaded or prepared, and the answer is noise. It shows the whole path
-running: decoding and sampling frames, tubelets, the vision tower, visual
-tokens scattered into the prompt, prefill and jitted decoding.
+With no --video, --image or --question it draws a SynthVideoQA clip and its multiple-choice
+question (a new one each run, or the one of --seed), shows the clip event by event and the
+question, and answers it twice: with the full prefill and with the paper's progressive plan
+at --budget (0.25), printing the correct answer next to each, the visual tokens kept per
+stage and both prefill times. The default model is the one shipped in the package
+(`synth-video-qa-tiny`) when present, else the tiny **randomly initialised, untrained** VLM
+of configs/tiny_vlm.py (labelled so: its answers are noise). Nothing is downloaded.
 
-Paths, the checkpoint directory and config values are checked before the
-model is built; an error prints one line (`--debug` for the traceback).
+With --video / --image / --question it answers the user's own question by greedy decoding.
+Paths, the checkpoint directory and config values are checked before the model is built; an
+error prints one line (`--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from flax import nnx
 from ml_collections import config_flags
 
 import configs
+from eval import demo_synth
 from eval.inputs import check_generation_config, check_model_source, encode, image_inputs, load_model, video_inputs
+from eval.qa_variants import FULL, PLAN_NAMES
+from hybridvlm.data import synth
+from hybridvlm.shipped import pretrained_names, resolve_checkpoint
 from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.video import write_test_clip
 from hybridvlm.vlm import NemotronHVLModel
@@ -47,6 +54,12 @@ def define_flags() -> None:
     flags.DEFINE_string("image", None, "Image file (png, jpg) instead of a video.")
     flags.DEFINE_string("question", None, "Question about the video (default: the config's).")
     flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+    flags.DEFINE_integer("seed", None, "Seed of the SynthVideoQA question (default: a new one each run).",
+                         lower_bound=0)
+    flags.DEFINE_enum("plan", "progressive", [n for n in PLAN_NAMES if n != FULL],
+                      "Reduction plan compared with the full prefill.")
+    flags.DEFINE_float("budget", 0.25, "Kept share of visual token-layers of the reduced prefill.")
+    flags.DEFINE_string("clip_out", None, "Also save the SynthVideoQA clip's frames as a PNG grid here.")
 
 
 def check_args(cfg, checkpoint=None, video=None, image=None) -> None:
@@ -63,7 +76,70 @@ def check_args(cfg, checkpoint=None, video=None, image=None) -> None:
         cli_checks.media_file("--image", image)
 
 
+SHIPPED_MODEL = "synth-video-qa-tiny"
+
+
+def default_checkpoint() -> str | None:
+    """The shipped model's directory when the package has it, else None (the tiny random VLM)."""
+    return resolve_checkpoint(SHIPPED_MODEL) if SHIPPED_MODEL in pretrained_names() else None
+
+
+def synth_mode(video=None, image=None, question=None) -> bool:
+    """The default question (a SynthVideoQA clip) unless the user gives their own input."""
+    return video is None and image is None and question is None
+
+
+def run_synth(cfg, checkpoint=None, *, seed=None, plan="progressive", budget=0.25, clip_out=None) -> dict:
+    """A SynthVideoQA question answered with the full and the reduced prefill (see module docstring)."""
+    cli_checks.in_range("--config.max_frames", cfg.max_frames, synth.MIN_FRAMES, synth.MAX_FRAMES)
+    cli_checks.in_range("--budget", budget, 0.0, 1.0, low_open=True)
+    if clip_out is not None:
+        cli_checks.output_file("--clip_out", clip_out)
+    if checkpoint is None:
+        checkpoint = default_checkpoint()
+    if not check_model_source(cfg, checkpoint):
+        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; give --question for it")
+    if seed is None:  # a new question each run, repeatable with the printed seed
+        seed = int(np.random.SeedSequence().entropy % 2**31)
+    model, tok, label = load_model(cfg, checkpoint)
+    side = model.config.image_size or 512
+    record = demo_synth.pick_example(seed, num_frames=cfg.max_frames, frame_size=side)
+    if clip_out is not None:
+        demo_synth.save_contact_sheet(record, clip_out)
+    try:
+        result = demo_synth.answer_full_and_reduced(model, tok, record, plan=plan, budget=budget)
+    except ValueError as e:  # a plan that cannot meet the budget for this many tokens
+        raise cli.UsageError(f"--plan {plan} --budget {budget}: {e}") from None
+    return dict(model=label, backend=jax.default_backend(), seed=seed, task=record.task, uid=record.uid,
+                frames=len(record.frames), frame_size=side, events=demo_synth.describe_clip(record), question=record.text(),
+                clip_out=clip_out, **result)
+
+
+def print_synth(r: dict) -> None:
+    print(f"model    : {r['model']}")
+    print(f"backend  : {r['backend']}")
+    print(f"clip     : SynthVideoQA {r['task']} question, seed {r['seed']} (--seed {r['seed']} repeats it), "
+          f"{r['frames']} frames at 2 fps" + (f", frames saved to {r['clip_out']}" if r["clip_out"] else ""))
+    print("\n".join(r["events"]))
+    print("question :")
+    print("\n".join("  " + line for line in r["question"].splitlines()))
+    print(f"prompt   : {r['prompt_tokens']} tokens ({r['visual_tokens']} visual); vision tower "
+          f"{r['vision_s'] * 1e3:.1f} ms")
+    print(f"correct  : {r['answer']}. {r['answer_option']}")
+    for k in ("full", "reduced"):
+        x = r[k]
+        what = "full prefill" if k == "full" else f"{r['plan']} @ {r['budget']:g}"
+        kept = " -> ".join(f"{keep} before layer {layer}" for layer, keep in x["stages"]) or "all"
+        mark = "right" if x["correct"] else "wrong"
+        print(f"{what:<18}: answer {x['letter']}. {x['option']} ({mark}); prefill {x['prefill_s'] * 1e3:.1f} ms; "
+              f"visual tokens kept: {kept} (budget {x['achieved_budget']:.3f})")
+    print(f"speedup  : {r['full']['prefill_s'] / r['reduced']['prefill_s']:.2f}x prefill")
+
+
 def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
+    """The user's own question (and video or image) answered by greedy decoding."""
+    if checkpoint is None:
+        checkpoint = default_checkpoint()
     check_args(cfg, checkpoint, video, image)
     model, tok, label = load_model(cfg, checkpoint)
     question = cfg.question if question is None else question
@@ -117,9 +193,17 @@ def run(cfg, checkpoint=None, video=None, question=None, image=None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.json:
-        cli_checks.output_file("--json", flags.FLAGS.json)
-    r = run(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.video, flags.FLAGS.question, flags.FLAGS.image)
+    F = flags.FLAGS
+    if F.json:
+        cli_checks.output_file("--json", F.json)
+    if synth_mode(F.video, F.image, F.question):
+        check_args(F.config, F.checkpoint)
+        r = run_synth(F.config, F.checkpoint, seed=F.seed, plan=F.plan, budget=F.budget, clip_out=F.clip_out)
+        print_synth(r)
+        if F.json:
+            atomic.write_json(F.json, r)
+        return
+    r = run(F.config, F.checkpoint, F.video, F.question, F.image)
     print(f"model    : {r['model']}")
     print(f"backend  : {r['backend']}")
     if "video" in r:
@@ -132,8 +216,8 @@ def main(argv):
     print(f"answer   : {r['answer']!r}")
     print(f"prefill  : {r['prefill_s'] * 1e3:.1f} ms (compiled ahead: {r['prefill_compile_s']:.2f} s)")
     print(f"generate : {r['generate_s']:.2f} s for {len(r['answer_ids'])} steps incl. compilation")
-    if flags.FLAGS.json:
-        atomic.write_json(flags.FLAGS.json, r)
+    if F.json:
+        atomic.write_json(F.json, r)
 
 
 if __name__ == "__main__":

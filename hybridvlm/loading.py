@@ -8,6 +8,7 @@ import os
 from jax.sharding import Mesh
 
 from hybridvlm import checkpoint, hf_import, hf_vlm_import
+from hybridvlm.shipped import resolve_checkpoint
 from hybridvlm.hf_import import CheckpointError
 from hybridvlm.lm import NemotronHForCausalLM
 from hybridvlm.vlm import NemotronHVLModel
@@ -15,7 +16,6 @@ from hybridvlm.vlm import NemotronHVLModel
 HF_CONFIG_FILE = "config.json"
 HYBRIDVLM = "hybridvlm"
 HF = "hf"
-
 
 def checkpoint_format(path: str) -> str:
     """"hybridvlm" (written by `python -m hybridvlm.convert`) or "hf"; reads no weights.
@@ -37,6 +37,7 @@ def checkpoint_format(path: str) -> str:
 
 def is_vlm_checkpoint(path: str) -> bool:
     """Whether the checkpoint at `path` is a VLM (vision + text) rather than a text-only LM; reads no weights."""
+    path = resolve_checkpoint(path)
     if checkpoint_format(path) == HYBRIDVLM:
         config = os.path.join(path, checkpoint.CONFIG_FILE)
         try:
@@ -53,7 +54,8 @@ def from_pretrained(path: str, dtype=None, *, mesh: Mesh | None = None, **overri
     """Loads a model from a local directory.
 
     Args:
-      path: an HF directory (config.json + safetensors, single or sharded) of
+      path: the name of a model shipped in the package (`hybridvlm.shipped.pretrained_names()`,
+        e.g. "synth-video-qa-tiny"), or an HF directory (config.json + safetensors, single or sharded) of
         a Nemotron-H LM (`nemotron_h`) or VLM (`NemotronH_Omni_Reasoning_V3`:
         vision + text; an audio branch is skipped with a warning), or a
         hybridvlm Orbax checkpoint (written by `python -m hybridvlm.convert`).
@@ -67,6 +69,7 @@ def from_pretrained(path: str, dtype=None, *, mesh: Mesh | None = None, **overri
       FileNotFoundError / NotADirectoryError if path is not a directory;
       ConfigError / CheckpointError naming the field, tensor or file otherwise.
     """
+    path = resolve_checkpoint(path)
     if checkpoint_format(path) == HYBRIDVLM:
         return checkpoint.load(path, dtype=dtype, mesh=mesh, **overrides)
     if hf_vlm_import.is_vlm_config(hf_import.read_hf_config(path)):

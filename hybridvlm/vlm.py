@@ -317,7 +317,8 @@ class NemotronHVLModel(nnx.Module):
         rank = jnp.where(real, jnp.cumsum(real, axis=1) - 1, n_real[:, None] + jnp.cumsum(masked, axis=1) - 1)
         return jnp.where(vis, offset[:, None] + rank, 0).astype(jnp.int32)
 
-    def prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None):
+    def prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None, *,
+                columns: bool = False):
         """Embeds the prompt and applies EVS (if `video_pruning_rate` > 0).
 
         EVS drops, per video, the tokens least changed since the previous
@@ -327,9 +328,11 @@ class NemotronHVLModel(nnx.Module):
         shorter than the bucket loses its padding tubelets first and keeps
         as many real tokens as it would alone.
         Returns:
-          input_ids, attention_mask (b, t') and embeddings (b, t', d).
+          input_ids, attention_mask (b, t') and embeddings (b, t', d); with
+          `columns`, also (b, t') int32: each kept token's column in input_ids.
         """
-        return self._prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)[:3]
+        out = self._prepare(input_ids, attention_mask, pixel_values_videos, pixel_values)
+        return out if columns else out[:3]
 
     def _prepare(self, input_ids, attention_mask=None, pixel_values_videos=None, pixel_values=None, remat=None):
         """`prepare`, plus (b, t') int32: each kept token's column in input_ids

@@ -169,3 +169,29 @@ def test_cli_default_tiny_setup(tmp_path):
     raw = np.load(out / "scores.npz")
     assert raw["clip0"].shape == (L, 64)
     assert not [p for p in os.listdir(out) if p.startswith(".tmp_")]
+
+
+def test_analyze_on_synth_questions_uses_each_examples_own_question(tmp_path):
+    from configs import tiny_vlm
+    from eval import analyze
+    from hybridvlm.data import synth
+    from hybridvlm.tokenizer import synth_tokenizer
+    from hybridvlm.vlm import NemotronHVLModel
+    from test_videoqa import tiny_config
+    from train.model import save_model, vlm_config
+
+    ckpt = str(tmp_path / "svqa")
+    save_model(NemotronHVLModel(vlm_config(tiny_config().model), rngs=nnx.Rngs(0)), synth_tokenizer(), ckpt)
+    cfg = tiny_vlm.get_config()
+    cfg.max_frames = 16
+    result = analyze.run(cfg, checkpoint=ckpt, data="synth:test", num_examples=3, out_dir=str(tmp_path / "out"),
+                         verbose=False)
+    want = [synth.generate(synth.split_seed(0, "test"), i, num_frames=16, size=32) for i in range(3)]
+    got = result["examples"]
+    assert [e["uid"] for e in got] == [r.uid for r in want]
+    assert [e["question"] for e in got] == [r.question for r in want]
+    assert [e["answer"] for e in got] == [r.answer_letter for r in want]
+    assert all(e["visual_tokens"] == 8 * 4 for e in got)  # 8 tubelets x 4 tokens
+    assert len(result["layers"]) == 9 and os.path.exists(result["files"]["sparsity"])
+    with pytest.raises(Exception, match="--data, --video"):
+        analyze.run(cfg, checkpoint=ckpt, data="synth:test", videos=["a.mp4"], out_dir=str(tmp_path / "o2"))

@@ -26,7 +26,7 @@ from test_demo import word_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 LM_FIXTURE = os.path.join(FIXTURES, "nemotron_h", "hybrid_g2")
-SCRIPTS = ("eval.demo", "eval.analyze", "eval.bench_prefill", "eval.bench_ssd", "hybridvlm.convert")
+SCRIPTS = ("eval.demo", "eval.analyze", "eval.bench_prefill", "eval.bench_ssd", "eval.videoqa", "hybridvlm.convert")
 MODEL_BUILT = 97
 TPU_PROBE = "Unable to initialize backend"
 
@@ -122,7 +122,15 @@ def bad(tmp_path_factory) -> dict:
 
 def bad_command_lines(b: dict) -> list[tuple[str, list[str], int, list[str]]]:
     """(module, args, exit status, words the one error line must contain)."""
+    out = os.path.join(b["dir"], "videoqa.json")
     return [
+        # videoqa: the model source and the report path, checked before loading
+        ("eval.videoqa", [], 2, ["--checkpoint", "required"]),
+        ("eval.videoqa", ["--checkpoint", b["missing"], "--json", out], 1,
+         ["--checkpoint", b["missing"], "not the name of a shipped model"]),
+        ("eval.videoqa", ["--checkpoint", b["no_ckpt"], "--json", out], 1, ["--checkpoint", "no checkpoint"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out], 2, ["--checkpoint", "text-only"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", b["a_dir"]], 1, ["--json", "directory"]),
         # demo: paths (1)
         ("eval.demo", ["--video", b["missing"]], 1, ["--video", b["missing"], "no such file"]),
         ("eval.demo", ["--video", b["empty.mp4"]], 1, ["--video", b["empty.mp4"], "empty"]),
@@ -182,7 +190,7 @@ def bad_command_lines(b: dict) -> list[tuple[str, list[str], int, list[str]]]:
 
 # Good command lines: they pass every check and parse, so their run ends at the model build.
 GOOD_COMMAND_LINES = [
-    ("eval.demo", ["--config.fps=1.0", "--config.max_frames=8"]),  # fps: a typed placeholder
+    ("eval.demo", ["--config.fps=1.0", "--config.max_frames=16"]),  # fps: a typed placeholder
     ("eval.demo", ["--config", "configs/tiny_vlm.py", "--config.model.chunk_size=16", "--nodebug"]),
     ("eval.bench_prefill", ["--config=configs/tiny_lm.py", "--config.model.chunk_size=64", "--runlocal"]),
     ("eval.analyze", ["--config.max_frames=4", "--num_examples=1", "--mass=0.5"]),
@@ -219,7 +227,8 @@ def test_expected_errors_are_one_line_before_the_model_is_built(bad, tmp_path):
         cmd = f"python -m {module} {' '.join(args)}"
         assert r["rc"] == 0 and not r["stderr"].strip(), f"{cmd}: exit {r['rc']}\n{r['stderr']}"
         assert "--debug" in r["stdout"], cmd
-    demo_help, prefill_help, tiny_help = results[len(lines) + 1]["stdout"], results[-4]["stdout"], results[-1]["stdout"]
+    help_of = {module: r["stdout"] for (module, args), r in zip(helps[:-1], results[len(lines) + 1:])}
+    demo_help, prefill_help, tiny_help = help_of["eval.demo"], help_of["eval.bench_prefill"], results[-1]["stdout"]
     for field in ("--config.max_frames", "--config.fps", "--config.model.hidden_size", "--config.question"):
         assert field in demo_help, field
     fps = next(line.split() for line in demo_help.splitlines() if line.split()[:1] == ["--config.fps"])
@@ -227,7 +236,8 @@ def test_expected_errors_are_one_line_before_the_model_is_built(bad, tmp_path):
     assert "--config.bench.num_visual" in prefill_help and "--budgets" in prefill_help
     # --config names the file whose fields are listed.
     assert "tiny_lm.py" in tiny_help and "--config.bench.num_visual" not in tiny_help
-    assert "--hf" in results[-2]["stdout"]
+    assert "--hf" in help_of["hybridvlm.convert"]
+    assert all(f in help_of["eval.videoqa"] for f in ("--plans", "--budgets", "--evs", "--mamba_mode", "--plot"))
 
 
 def test_python_m_error_and_libtpu_line(tmp_path):

@@ -6,11 +6,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from configs import tiny_vlm
-from eval import demo
+from eval import demo, demo_synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -29,20 +28,43 @@ def word_tokenizer(path, specials=()):
 
 
 def test_demo_cli_runs_on_embedded_default(tmp_path):
-    out = tmp_path / "demo.json"
+    out, png = tmp_path / "demo.json", tmp_path / "clip.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.demo", "--json", str(out), "--config.max_new_tokens=5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "eval.demo", "--json", str(out), "--seed", "11", "--clip_out", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "UNTRAINED" in proc.stdout and "prefill" in proc.stdout
     r = json.loads(out.read_text())
+    shipped = demo.default_checkpoint() is not None
+    if not shipped:
+        assert "UNTRAINED" in proc.stdout
+    # The question is SynthVideoQA's example of seed 11, shown with its correct answer.
     cfg = tiny_vlm.get_config()
-    assert r["generated_clip"] and r["frames"] == cfg.max_frames
-    # 16 frames -> 8 tubelets x (128 / 16)^2 / 4 tokens.
-    assert r["visual_tokens"] == 8 * 16
-    assert len(r["answer_ids"]) == 5 and r["prefill_s"] > 0
-    assert np.all(np.diff(r["timestamps"]) > 0)
+    record = demo_synth.pick_example(11, num_frames=cfg.max_frames, frame_size=r["frame_size"])
+    assert r["uid"] == record.uid and r["question"] == record.text() and r["answer"] == record.answer_letter
+    assert record.question in proc.stdout and f"correct  : {record.answer_letter}." in proc.stdout
+    assert len(r["events"]) == len(record.meta["events"]) and png.read_bytes()[:4] == b"\x89PNG"
+    # Full and reduced prefill side by side: the reduced one keeps fewer tokens stage by stage.
+    assert r["full"]["stages"] == [] and r["full"]["achieved_budget"] == 1.0
+    keeps = [k for _, k in r["reduced"]["stages"]]
+    assert keeps and keeps == sorted(keeps, reverse=True) and keeps[0] < r["visual_tokens"]
+    assert abs(r["reduced"]["achieved_budget"] - 0.25) < 0.02
+    for k in ("full", "reduced"):
+        assert r[k]["letter"] in "ABCD" and r[k]["prefill_s"] > 0
+        assert r[k]["correct"] == (r[k]["letter"] == record.answer_letter)
+        assert f"answer {r[k]['letter']}." in proc.stdout
+
+
+def test_demo_draws_a_new_question_each_run_unless_seeded():
+    cfg = tiny_vlm.get_config()
+    seeds = set()
+    for _ in range(2):
+        r = demo.run_synth(cfg, budget=0.5)
+        seeds.add(r["seed"])
+        assert r["uid"] == demo_synth.pick_example(r["seed"], num_frames=16, frame_size=r["frame_size"]).uid
+    assert len(seeds) == 2
+    assert demo_synth.pick_example(4, num_frames=16, frame_size=32).uid == \
+        demo_synth.pick_example(4, num_frames=16, frame_size=32).uid
 
 
 def test_demo_with_vlm_checkpoint_and_video(tmp_path):

@@ -127,6 +127,11 @@ def test_a_run_writes_its_config_metrics_checkpoints_and_model(reference):
     assert all({"learning_rate", "tokens_per_s", "grad_norm"} <= set(r) for r in train)
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(0 <= r["eval_accuracy"] <= 1 for r in evals)
+    # 4 validation examples: one per task (TASKS[i % 4]); overall = the mean of the four.
+    for r in evals:
+        tasks = {k.split("/")[1]: v for k, v in r.items() if k.startswith("eval_accuracy/")}
+        assert sorted(tasks) == sorted(("color", "shape", "order", "count")) and set(tasks.values()) <= {0.0, 1.0}
+        assert r["eval_accuracy"] == pytest.approx(np.mean(list(tasks.values())))
     with open(os.path.join(w, "config.json")) as f:
         assert json.load(f)["steps"] == STEPS
     assert _checkpoints(w)[-1] == STEPS
@@ -197,7 +202,9 @@ def test_bad_command_is_one_line(tmp_path, extra, status, message):
     (dict(optim=dict(accumulate=3)), cli.UsageError, "--config.optim.accumulate"),
     (dict(batch_size=0), cli.UsageError, "--config.batch_size"),
     (dict(data=dict(buckets="16,x")), cli.UsageError, "--config.data.buckets"),
-    (dict(data=dict(frames=64)), cli.UsageError, "--config.data.frames"),
+    (dict(data=dict(frames="16,64")), cli.UsageError, "--config.data.frames"),
+    (dict(tokenizer="words"), cli.UsageError, "--config.tokenizer"),
+    (dict(tokenizer="synth"), cli.UsageError, "--config.model.text.vocab_size"),
     (dict(data=dict(eval="videomme")), cli.InputError, "--config.data.eval"),
     (dict(remat="everything"), cli.UsageError, "--config.remat"),
     (dict(model=dict(text=dict(hidden_sise=8))), cli.UsageError, "--config.model"),
@@ -217,3 +224,14 @@ def test_check_config_names_the_field(overrides, error, message):
 def test_a_workdir_of_another_run_is_refused(reference):
     p = _run(reference["workdir"], "--config.optim.learning_rate=0.1", check=False)
     assert p.returncode == 1 and "optim.learning_rate" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_shipped_models_config_checks_and_mixes_video_lengths():
+    from configs import synth_video_qa_tiny
+
+    cfg = synth_video_qa_tiny.get_config()
+    cfg.data.frames = "16,32"
+    settings = finetune.check_config(cfg)
+    assert settings.frames == (16, 32) and settings.buckets == (16, 32, 64)
+    train_src, _ = finetune._sources(cfg, settings)
+    assert [len(train_src[i].frames) for i in range(3)] == [16, 32, 16]

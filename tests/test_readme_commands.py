@@ -76,6 +76,9 @@ COMMANDS = {
                                 "--config.eval_every": "2", "--config.checkpoint_every": "1",
                                 "--config.model.text.pattern": "M*-", "--config.model.vision.num_layers": "1",
                                 "--config.compute_dtype": "float32"}),
+    "eval.videoqa": Tiny(set={"--checkpoint": "{svqa_ckpt}", "--num_examples": "2", "--frames": "16",
+                              "--batch_size": "2", "--plans": "progressive", "--budgets": "0.5",
+                              "--greedy_batches": "0", "--json": "{new_file}", "--plot": "{new_png}"}),
     "pytest": Tiny(skip="the test suite itself: CI runs it"),
 }
 
@@ -85,10 +88,12 @@ PLACEHOLDERS = {
     ("--checkpoint", "LM_DIR"): "{lm_ckpt}",
     ("--video", "clip.mp4"): "{clip}",
     ("--json", "out.json"): "{new_file}",
+    ("--plot", "out.png"): "{new_png}",
 }
 # Flags naming files or directories: their README values must be placeholders above (or set by
 # COMMANDS), so a command never reads a path that does not exist or writes into the source tree.
-PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--data_dir", "--workdir")
+PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--plot", "--clip_out", "--data_dir",
+              "--workdir")
 
 # Shell segments that set up the environment (CI does that) rather than run the project.
 SETUP = re.compile(r"^(python3? -m venv |\. |source |pip |python -m pip )")
@@ -220,7 +225,13 @@ class Fixtures:
     """Tiny stand-ins for the README's placeholders; {new_dir} / {new_file} are fresh per use."""
 
     def __init__(self, root):
+        from flax import nnx
+        from test_videoqa import tiny_config
+
+        from hybridvlm.tokenizer import synth_tokenizer
         from hybridvlm.video import write_test_clip
+        from hybridvlm.vlm import NemotronHVLModel
+        from train.model import save_model, vlm_config
 
         self.root = root
         vlm, lm = root / "vlm_ckpt", root / "lm_ckpt"
@@ -230,12 +241,15 @@ class Fixtures:
         word_tokenizer(lm / "tokenizer.json")
         clip = root / "clip.mp4"
         write_test_clip(str(clip), num_frames=12, fps=4)
-        self.paths = dict(vlm_ckpt=str(vlm), lm_ckpt=str(lm), lm_hf=str(lm), clip=str(clip))
+        svqa = root / "svqa_ckpt"  # a tiny random VLM with the synth tokenizer (single-token letters)
+        save_model(NemotronHVLModel(vlm_config(tiny_config().model), rngs=nnx.Rngs(0)), synth_tokenizer(), str(svqa))
+        self.paths = dict(vlm_ckpt=str(vlm), lm_ckpt=str(lm), lm_hf=str(lm), clip=str(clip), svqa_ckpt=str(svqa))
         self._fresh = itertools.count()
 
     def fill(self, arg: str) -> str:
         n = next(self._fresh)
-        return arg.format(**self.paths, new_dir=str(self.root / f"out{n}"), new_file=str(self.root / f"out{n}.json"))
+        return arg.format(**self.paths, new_dir=str(self.root / f"out{n}"), new_file=str(self.root / f"out{n}.json"),
+                          new_png=str(self.root / f"out{n}.png"))
 
 
 @pytest.fixture(scope="module")

@@ -372,3 +372,14 @@ def test_bad_arguments_are_refused(kwargs, word):
         with pytest.raises(ValueError, match=word):
             synth.SynthSource(seed, 3, args.get("num_frames", 32), frame_size=args.get("size", 128),
                               task=args.get("task"))
+
+
+def test_source_takes_several_video_lengths_in_turn():
+    source = synth.SynthSource(7, 5, (16, 24), frame_size=16)
+    assert [len(source[i].frames) for i in range(5)] == [16, 24, 16, 24, 16]
+    assert source.num_frames == 24 and source.frames_of(3) == 24
+    assert np.array_equal(source[3].frames, synth.generate(7, 3, num_frames=24, size=16).frames)
+    with pytest.raises(ValueError, match="num_frames"):
+        synth.SynthSource(7, 5, (16, 8))
+    with pytest.raises(ValueError, match="at least one"):
+        synth.SynthSource(7, 5, ())

@@ -23,7 +23,8 @@ from train.step import STEP_KEYS, compute_model_fn, plan_lookup
 
 def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16,
                    max_answer_tokens: int = 1):
-    """eval_step(params, batch) -> dict of float32 sums: loss_sum, tokens, correct.
+    """eval_step(params, batch) -> dict of float32 sums: loss_sum, tokens, correct, and per
+    row (b,): row_correct, row_tokens.
 
     Arguments as `train.step.make_train_step`; params are the float32 master weights."""
     lookup = plan_lookup(plan_for_bucket)
@@ -35,7 +36,7 @@ def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_
         model = to_model(params)
         frames = batch["pixel_values_videos"].shape[1] * model.config.temporal_patch_size
         _, aux = answer_loss(model, batch, answer_ids=answer_ids, reduction=lookup(frames),
-                             max_answer_tokens=max_answer_tokens)
+                             max_answer_tokens=max_answer_tokens, per_row=True)
         return aux
 
     return eval_step
@@ -43,12 +44,21 @@ def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_
 
 def evaluate(eval_step, params, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Runs eval_step over every batch; returns eval_loss (mean cross-entropy per answer
-    token), eval_accuracy (share of answers whose top option letter is right) and
-    eval_examples (answer tokens scored)."""
+    token), eval_accuracy (share of answers whose top option letter is right),
+    eval_examples (answer tokens scored) and, when the batches name their rows' tasks,
+    eval_accuracy/<task> for each."""
     sums = dict(loss_sum=0.0, tokens=0.0, correct=0.0)
+    per_task: dict[str, list[float]] = {}
     for batch in batches:
         out = jax.device_get(eval_step(params, {k: batch[k] for k in STEP_KEYS if k in batch}))
         for k in sums:
             sums[k] += float(np.asarray(out[k]))
+        for task, hit, n in zip(batch.get("task", ()), np.asarray(out["row_correct"]), np.asarray(out["row_tokens"])):
+            if n > 0 and task:
+                cell = per_task.setdefault(str(task), [0.0, 0.0])
+                cell[0] += float(hit)
+                cell[1] += float(n)
     n = max(sums["tokens"], 1.0)
-    return dict(eval_loss=sums["loss_sum"] / n, eval_accuracy=sums["correct"] / n, eval_examples=sums["tokens"])
+    result = dict(eval_loss=sums["loss_sum"] / n, eval_accuracy=sums["correct"] / n, eval_examples=sums["tokens"])
+    result.update({f"eval_accuracy/{task}": c[0] / c[1] for task, c in sorted(per_task.items())})
+    return result

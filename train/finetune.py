@@ -48,6 +48,7 @@ from hybridvlm.vlm import VLMConfig
 from hybridvlm.data.pipeline import PipelineConfig, answer_token_ids, eval_pipeline, train_pipeline
 from hybridvlm.data.pipeline_config import PipelineError
 from hybridvlm.lm import REMAT_POLICIES
+from hybridvlm.tokenizer import TOKENIZERS, named_tokenizer
 from reduction import plan as rp
 from train import data as tdata
 from train import distributed
@@ -87,6 +88,7 @@ class Settings:
     train_data: tdata.DataSpec
     eval_data: tdata.DataSpec | None
     buckets: tuple[int, ...]
+    frames: tuple[int, ...]
     compute_dtype: Any
 
 
@@ -159,13 +161,21 @@ def check_config(cfg) -> Settings:
     cli_checks.at_least("--config.data.train_examples", cfg.data.train_examples, 1)
     cli_checks.at_least("--config.data.eval_examples", cfg.data.eval_examples, 1)
     cli_checks.at_least("--config.data.workers", cfg.data.workers, 0)
-    cli_checks.require(cfg.data.frames <= max(buckets), "--config.data.frames",
-                       f"{cfg.data.frames} frames do not fit the largest bucket ({max(buckets)})")
+    frames = _ints(cfg.data.frames, "--config.data.frames")
+    cli_checks.require(max(frames) <= max(buckets), "--config.data.frames",
+                       f"{max(frames)} frames do not fit the largest bucket ({max(buckets)})")
+    cli_checks.at_least("--config.data.frame_text_tokens", cfg.data.frame_text_tokens, 0)
+    cli_checks.at_least("--config.data.text_tokens", cfg.data.text_tokens, 1)
+    cli_checks.require(cfg.tokenizer in TOKENIZERS, "--config.tokenizer",
+                       f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     try:
         train_data = tdata.parse_spec(cfg.data.train, "--config.data.train")
         eval_data = tdata.parse_spec(cfg.data.eval, "--config.data.eval") if cfg.data.eval else None
     except tdata.DataSpecError as e:
         raise cli.InputError(str(e)) from None
+    prepared = [s for s in (train_data, eval_data) if s is not None and s.kind == "synth" and s.path]
+    cli_checks.require(len(frames) == 1 or not prepared, "--config.data.frames",
+                       "a prepared SynthVideoQA split (synth:DIR) has one video length; give one value")
     check_init(cfg.init)
     vlm = None
     if cfg.init is None:
@@ -176,8 +186,19 @@ def check_config(cfg) -> Settings:
         for b in buckets:
             cli_checks.require(b % vlm.temporal_patch_size == 0, "--config.data.buckets",
                                f"{b} frames is not a multiple of the tubelet length {vlm.temporal_patch_size}")
+        check_tokenizer(named_tokenizer(cfg.tokenizer), vlm)
     return Settings(vlm=vlm, optim=optim, mesh=mesh, train_data=train_data, eval_data=eval_data, buckets=buckets,
-                    compute_dtype=dtype)
+                    frames=frames, compute_dtype=dtype)
+
+
+def check_tokenizer(tok, vlm: VLMConfig) -> None:
+    """A fresh model's vocabulary holds the tokenizer's, and its image_token_id is "<image>"."""
+    size = tok.get_vocab_size()
+    cli_checks.require(vlm.text.vocab_size >= size, "--config.model.text.vocab_size",
+                       f"{vlm.text.vocab_size} rows cannot embed the {size}-token --config.tokenizer")
+    image = tok.token_to_id("<image>")  # the placeholder of both built-in tokenizers
+    cli_checks.require(image == vlm.image_token_id, "--config.model.image_token_id",
+                       f"{vlm.image_token_id} is not the tokenizer's <image> id ({image})")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -223,7 +244,8 @@ def plans_for_buckets(shape: str | None, budget: float | None, pcfg: PipelineCon
 
 def _sources(cfg, settings: Settings):
     d = cfg.data
-    kw = dict(seed=cfg.seed, num_frames=d.frames, frame_size=d.frame_size)
+    frames = settings.frames if len(settings.frames) > 1 else settings.frames[0]
+    kw = dict(seed=cfg.seed, num_frames=frames, frame_size=d.frame_size)
     train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, **kw)
     val = None
     if settings.eval_data is not None:
@@ -253,10 +275,11 @@ def run(cfg, workdir: str) -> dict:
 
     mesh = make_mesh(settings.mesh)
     vcfg = settings.vlm
-    model, tok = start_model(cfg.init, vcfg, mesh, seed=cfg.seed)
+    model, tok = start_model(cfg.init, vcfg, mesh, seed=cfg.seed, tokenizer=cfg.tokenizer)
     vcfg = model.config
     pcfg = PipelineConfig.for_model(vcfg, batch_size=cfg.batch_size, buckets=settings.buckets,
-                                    workers=cfg.data.workers, seed=cfg.seed)
+                                    workers=cfg.data.workers, seed=cfg.seed,
+                                    frame_text_tokens=cfg.data.frame_text_tokens, text_tokens=cfg.data.text_tokens)
     plans = plans_for_buckets(cfg.reduction.shape, cfg.reduction.budget, pcfg, vcfg.text.num_layers)
     letters = answer_token_ids(tok)
     graphdef, params, rest = split_model(model)

@@ -71,7 +71,7 @@ def answer_weights(batch, max_answer_tokens: int = 1):
 
 
 def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normalizer=None,
-                max_answer_tokens: int = 1):
+                max_answer_tokens: int = 1, per_row: bool = False):
     """Cross-entropy and multiple-choice accuracy on the answer tokens only.
 
     Args:
@@ -89,7 +89,8 @@ def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normali
     Returns:
       loss (scalar float32: sum of the answer tokens' cross-entropies / normalizer)
       and a dict of float32 scalars: loss_sum, tokens (answer tokens counted),
-      correct (answer tokens whose argmax over the option letters is the label).
+      correct (answer tokens whose argmax over the option letters is the label); with
+      `per_row`, also row_correct and row_tokens (b,), the same counts per row.
     """
     cols, weight = answer_weights(batch, max_answer_tokens)
     h, columns = model.hidden_states(batch["input_ids"], pixel_values_videos=batch["pixel_values_videos"],
@@ -109,5 +110,8 @@ def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normali
     loss = loss_sum / jnp.maximum(jnp.asarray(normalizer, jnp.float32), 1.0)
     letters = jnp.asarray(answer_ids, jnp.int32)
     choice = jnp.argmax(jnp.take(logits, letters, axis=-1), axis=-1)  # (b, k) index into letters
-    correct = jnp.sum(jnp.where(letters[choice] == labels, w, 0.0))
-    return loss, dict(loss_sum=jax.lax.stop_gradient(loss_sum), tokens=tokens, correct=correct)
+    hits = jnp.where(letters[choice] == labels, w, 0.0)  # (b, k)
+    aux = dict(loss_sum=jax.lax.stop_gradient(loss_sum), tokens=tokens, correct=jnp.sum(hits))
+    if per_row:
+        aux.update(row_correct=jnp.sum(hits, axis=1), row_tokens=jnp.sum(w, axis=1))
+    return loss, aux

@@ -4,8 +4,8 @@
     model, tok = start_model(cfg.init, vcfg, mesh, seed=cfg.seed)
 
 `init` None: a fresh initialisation of `vcfg`, computed shard by shard on the mesh
-(`hybridvlm.sharding.init_sharded`) with the byte-level tokenizer its vocabulary is sized
-for. Otherwise an HF or hybridvlm checkpoint directory holding a video VLM and its
+(`hybridvlm.sharding.init_sharded`) with the built-in tokenizer its vocabulary is sized
+for (config field `tokenizer`). Otherwise an HF or hybridvlm checkpoint directory holding a video VLM and its
 tokenizer.json, loaded in float32 (the master weights) and placed on its shards.
 """
 
@@ -25,7 +25,7 @@ from hybridvlm.radio import RadioConfig
 from hybridvlm.hf_import import CheckpointError
 from hybridvlm.loading import from_pretrained, is_vlm_checkpoint
 from hybridvlm.sharding import init_sharded, shard_model
-from hybridvlm.tokenizer import TOKENIZER_FILE, byte_tokenizer, load_tokenizer
+from hybridvlm.tokenizer import TOKENIZER_FILE, load_tokenizer, named_tokenizer
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
 
 
@@ -54,11 +54,13 @@ def check_init(init: str | None, field: str = "--config.init") -> None:
         raise CheckpointError(f"{field}: {init}: no {TOKENIZER_FILE} next to the weights")
 
 
-def start_model(init: str | None, vcfg: VLMConfig, mesh: Mesh, *, seed: int) -> tuple[NemotronHVLModel, Tokenizer]:
-    """(model on its shards, float32; tokenizer). See the module docstring."""
+def start_model(init: str | None, vcfg: VLMConfig, mesh: Mesh, *, seed: int,
+                tokenizer: str = "byte") -> tuple[NemotronHVLModel, Tokenizer]:
+    """(model on its shards, float32; tokenizer). See the module docstring; `tokenizer`
+    names the built-in tokenizer of a fresh model (`hybridvlm.tokenizer.TOKENIZERS`)."""
     if init is None:
         model = init_sharded(lambda: NemotronHVLModel(vcfg, rngs=nnx.Rngs(seed)), mesh)
-        return model, byte_tokenizer()
+        return model, named_tokenizer(tokenizer)
     check_init(init)
     tok = load_tokenizer(init)
     model = from_pretrained(init, dtype="float32")

@@ -57,6 +57,8 @@ Ground truth in `record.meta` (arrays survive the TFDS round trip exactly):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from hybridvlm.data.records import VideoQARecord
@@ -311,20 +313,37 @@ def generate(seed: int, index: int, *, num_frames: int = DEFAULT_FRAMES, task: s
 class SynthSource:
     """A random-access source of `num_examples` SynthVideoQA records, generated on demand.
 
-    len(source) == num_examples; source[i] == generate(seed, i, ...). Picklable (plain
-    attributes), so grain workers can hold it. `split_seed(base, split)` gives the seed
-    of a prepared TFDS split, whose records this reproduces exactly.
+    len(source) == num_examples; source[i] == generate(seed, i, num_frames=F(i), ...), with
+    F(i) = num_frames, or num_frames[i % len(num_frames)] for a mix of video lengths (every
+    index has one length, so no two examples share their draws). Picklable (plain
+    attributes), so grain workers can hold it. `split_seed(base, split)` gives the seed of a
+    prepared TFDS split, whose records this reproduces exactly.
     """
 
-    def __init__(self, seed: int, size: int, num_frames: int = DEFAULT_FRAMES, *, frame_size: int = DEFAULT_SIZE,
-                 task: str | None = None):
-        """seed: generator seed; size: number of examples; num_frames: frames per video (16..256);
-        frame_size: frame side in pixels; task: one task for all, or None (TASKS[i % 4])."""
+    def __init__(self, seed: int, size: int, num_frames: int | Sequence[int] = DEFAULT_FRAMES, *,
+                 frame_size: int = DEFAULT_SIZE, task: str | None = None):
+        """seed: generator seed; size: number of examples; num_frames: frames per video (16..256),
+        or several lengths taken in turn; frame_size: frame side in pixels; task: one task for
+        all, or None (TASKS[i % 4])."""
         if size < 0:
             raise ValueError(f"size (number of examples) must be >= 0, got {size}")
-        check_args(seed, num_frames, frame_size, task)
-        self.seed, self.size, self.num_frames = int(seed), int(size), int(num_frames)
+        lengths = (num_frames,) if np.ndim(num_frames) == 0 else tuple(num_frames)
+        if not lengths:
+            raise ValueError("num_frames: give at least one video length")
+        for n in lengths:
+            check_args(seed, n, frame_size, task)
+        self.seed, self.size = int(seed), int(size)
+        self.lengths = tuple(int(n) for n in lengths)
         self.frame_size, self.task = int(frame_size), task
+
+    @property
+    def num_frames(self) -> int:
+        """The longest video's frames."""
+        return max(self.lengths)
+
+    def frames_of(self, index: int) -> int:
+        """Frames of example `index`'s video."""
+        return self.lengths[index % len(self.lengths)]
 
     def __len__(self) -> int:
         return self.size
@@ -335,8 +354,9 @@ class SynthSource:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"index {index} out of range for {self.size} examples")
-        return generate(self.seed, i, num_frames=self.num_frames, task=self.task, size=self.frame_size)
+        return generate(self.seed, i, num_frames=self.frames_of(i), task=self.task, size=self.frame_size)
 
     def __repr__(self) -> str:
-        return (f"SynthSource(seed={self.seed}, size={self.size}, num_frames={self.num_frames}, "
+        frames = self.lengths[0] if len(self.lengths) == 1 else self.lengths
+        return (f"SynthSource(seed={self.seed}, size={self.size}, num_frames={frames}, "
                 f"frame_size={self.frame_size}, task={self.task!r})")
