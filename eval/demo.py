@@ -84,6 +84,12 @@ def default_checkpoint() -> str | None:
     return resolve_checkpoint(SHIPPED_MODEL) if SHIPPED_MODEL in pretrained_names() else None
 
 
+def new_seed() -> int:
+    """A fresh question seed from the OS's entropy: a new question each run, repeatable with
+    --seed and the printed value."""
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
 def synth_mode(video=None, image=None, question=None) -> bool:
     """The default question (a SynthVideoQA clip) unless the user gives their own input."""
     return video is None and image is None and question is None
@@ -99,8 +105,8 @@ def run_synth(cfg, checkpoint=None, *, seed=None, plan="progressive", budget=0.2
         checkpoint = default_checkpoint()
     if not check_model_source(cfg, checkpoint):
         raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; give --question for it")
-    if seed is None:  # a new question each run, repeatable with the printed seed
-        seed = int(np.random.SeedSequence().entropy % 2**31)
+    if seed is None:
+        seed = new_seed()
     model, tok, label = load_model(cfg, checkpoint)
     side = model.config.image_size or 512
     record = demo_synth.pick_example(seed, num_frames=cfg.max_frames, frame_size=side)

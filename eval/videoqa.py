@@ -96,12 +96,6 @@ def parse_args(f) -> dict:
     if f.plot:
         cli_checks.output_file("--plot", f.plot)
         cli_checks.require(f.plot.lower().endswith(".png"), "--plot", f"{f.plot}: give a .png path")
-    try:
-        checkpoint = resolve_checkpoint(f.checkpoint, flag="--checkpoint")
-    except FileNotFoundError as e:
-        raise cli.InputError(str(e)) from None
-    if not inputs.check_model_source(None, checkpoint):
-        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; video QA needs a VLM")
     frames = _list(f.frames, "--frames", int)
     cli_checks.require(bool(frames), "--frames", "needs at least one value")
     for n in frames:
@@ -130,6 +124,13 @@ def parse_args(f) -> dict:
         flag = ("--plans" if "plan" in str(e) else "--mamba_mode" if "Mamba" in str(e)
                 else "--evs" if "EVS" in str(e) else "--budgets")
         raise cli.UsageError(f"{flag}: {e}") from None
+    # The model source last, once every flag value has passed.
+    try:
+        checkpoint = resolve_checkpoint(f.checkpoint, flag="--checkpoint")
+    except FileNotFoundError as e:
+        raise cli.InputError(str(e)) from None
+    if not inputs.check_model_source(None, checkpoint):
+        raise cli.UsageError(f"--checkpoint: {checkpoint} is a text-only language model; video QA needs a VLM")
     return dict(checkpoint=checkpoint, frames=frames, buckets=buckets, variants=variants)
 
 

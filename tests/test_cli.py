@@ -131,6 +131,12 @@ def bad_command_lines(b: dict) -> list[tuple[str, list[str], int, list[str]]]:
         ("eval.videoqa", ["--checkpoint", b["no_ckpt"], "--json", out], 1, ["--checkpoint", "no checkpoint"]),
         ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out], 2, ["--checkpoint", "text-only"]),
         ("eval.videoqa", ["--checkpoint", b["lm"], "--json", b["a_dir"]], 1, ["--json", "directory"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out, "--plot", out], 2, ["--plot", ".png"]),
+        ("eval.videoqa", ["--checkpoint", "no-such-model", "--json", out], 1, ["--checkpoint: no-such-model"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out, "--plans", "fastest"], 2, ["--plans", "fastest"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out, "--data", "youtube:abc"], 2, ["--data", "youtube"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out, "--budgets", "0.5,x"], 2, ["--budgets"]),
+        ("eval.videoqa", ["--checkpoint", b["lm"], "--json", out, "--frames", "8"], 2, ["--frames", "8"]),
         # demo: paths (1)
         ("eval.demo", ["--video", b["missing"]], 1, ["--video", b["missing"], "no such file"]),
         ("eval.demo", ["--video", b["empty.mp4"]], 1, ["--video", b["empty.mp4"], "empty"]),

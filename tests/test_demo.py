@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from configs import tiny_vlm
@@ -30,7 +31,7 @@ def word_tokenizer(path, specials=()):
 def test_demo_cli_runs_on_embedded_default(tmp_path):
     out, png = tmp_path / "demo.json", tmp_path / "clip.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.demo", "--json", str(out), "--seed", "11", "--clip_out", str(png)],
+        [sys.executable, "-m", "eval.demo", "--json", str(out), "--clip_out", str(png)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -38,9 +39,10 @@ def test_demo_cli_runs_on_embedded_default(tmp_path):
     shipped = demo.default_checkpoint() is not None
     if not shipped:
         assert "UNTRAINED" in proc.stdout
-    # The question is SynthVideoQA's example of seed 11, shown with its correct answer.
+    # The question is SynthVideoQA's example of the printed seed, shown with its correct answer.
     cfg = tiny_vlm.get_config()
-    record = demo_synth.pick_example(11, num_frames=cfg.max_frames, frame_size=r["frame_size"])
+    assert f"--seed {r['seed']} repeats it" in proc.stdout
+    record = demo_synth.pick_example(r["seed"], num_frames=cfg.max_frames, frame_size=r["frame_size"])
     assert r["uid"] == record.uid and r["question"] == record.text() and r["answer"] == record.answer_letter
     assert record.question in proc.stdout and f"correct  : {record.answer_letter}." in proc.stdout
     assert len(r["events"]) == len(record.meta["events"]) and png.read_bytes()[:4] == b"\x89PNG"
@@ -55,16 +57,13 @@ def test_demo_cli_runs_on_embedded_default(tmp_path):
         assert f"answer {r[k]['letter']}." in proc.stdout
 
 
-def test_demo_draws_a_new_question_each_run_unless_seeded():
-    cfg = tiny_vlm.get_config()
-    seeds = set()
-    for _ in range(2):
-        r = demo.run_synth(cfg, budget=0.5)
-        seeds.add(r["seed"])
-        assert r["uid"] == demo_synth.pick_example(r["seed"], num_frames=16, frame_size=r["frame_size"]).uid
-    assert len(seeds) == 2
-    assert demo_synth.pick_example(4, num_frames=16, frame_size=32).uid == \
-        demo_synth.pick_example(4, num_frames=16, frame_size=32).uid
+def test_each_run_draws_a_new_question_and_a_seed_repeats_it():
+    seeds = {demo.new_seed() for _ in range(8)}
+    assert len(seeds) == 8 and all(0 <= s < 2**31 for s in seeds)
+    a, b = (demo_synth.pick_example(s, num_frames=16, frame_size=32) for s in sorted(seeds)[:2])
+    assert a.uid != b.uid
+    again = demo_synth.pick_example(sorted(seeds)[0], num_frames=16, frame_size=32)
+    assert again.uid == a.uid and again.text() == a.text() and np.array_equal(again.frames, a.frames)
 
 
 def test_demo_with_vlm_checkpoint_and_video(tmp_path):

@@ -235,3 +235,34 @@ def test_the_shipped_models_config_checks_and_mixes_video_lengths():
     assert settings.frames == (16, 32) and settings.buckets == (16, 32, 64)
     train_src, _ = finetune._sources(cfg, settings)
     assert [len(train_src[i].frames) for i in range(3)] == [16, 32, 16]
+
+
+def test_a_finished_run_ships_as_a_named_model(reference, tmp_path, monkeypatch):
+    from hybridvlm import shipped
+    from train import ship
+
+    out = tmp_path / "pretrained"
+    path = ship.ship(str(reference["workdir"]), name="tiny-test", out=str(out), report_path=None,
+                     base_config=os.path.join(ROOT, "configs", "finetune_synth.py"))
+    names = sorted(os.listdir(path))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training.json", "metrics.jsonl",
+            "MODEL_CARD.md"} <= set(names)
+    monkeypatch.setattr(shipped, "PRETRAINED_DIR", str(out))
+    assert shipped.pretrained_names() == ("tiny-test",)
+    # By name, the shipped model computes what the run's own model/ does.
+    shipped_model = hybridvlm.from_pretrained("tiny-test")
+    run_model = hybridvlm.from_pretrained(os.path.join(reference["workdir"], "model"), dtype="float32")
+    a, b = nnx.state(shipped_model, nnx.Param), nnx.state(run_model, nnx.Param)
+    for (pa, x), (pb, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+        assert pa == pb and np.array_equal(np.asarray(x[...]), np.asarray(y[...])), pa
+    assert hybridvlm.load_tokenizer("tiny-test").to_str() == hybridvlm.load_tokenizer(
+        os.path.join(reference["workdir"], "model")).to_str()
+    card = open(os.path.join(path, "MODEL_CARD.md")).read()
+    # The card's command reproduces the run: the base config plus exactly the overrides TINY gave.
+    line = next(l for l in card.splitlines() if l.startswith("python -m train.finetune"))
+    assert line.startswith("python -m train.finetune --config configs/finetune_synth.py --workdir runs/stage1")
+    for flag in ("--config.steps=8", "--config.optim.freeze=vision", "--config.reduction.shape=step"):
+        assert flag in line, (flag, line)
+    with pytest.raises(cli.InputError, match="exists"):
+        ship.ship(str(reference["workdir"]), name="tiny-test", out=str(out), report_path=None,
+                  base_config=os.path.join(ROOT, "configs", "finetune_synth.py"))
