@@ -266,3 +266,21 @@ def test_a_finished_run_ships_as_a_named_model(reference, tmp_path, monkeypatch)
     with pytest.raises(cli.InputError, match="exists"):
         ship.ship(str(reference["workdir"]), name="tiny-test", out=str(out), report_path=None,
                   base_config=os.path.join(ROOT, "configs", "finetune_synth.py"))
+
+
+def test_resuming_tolerates_fields_added_unset_but_not_set_ones(tmp_path):
+    cfg = finetune_synth.get_config().to_dict()
+    finetune.check_workdir(str(tmp_path), cfg)  # a new directory
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    finetune.check_workdir(str(tmp_path), cfg)  # the same run
+    grown = json.loads(json.dumps(cfg))
+    grown["data"]["new_option"] = ""  # a field the code gained since, left unset
+    finetune.check_workdir(str(tmp_path), grown)
+    grown["data"]["new_option"] = "on"
+    with pytest.raises(cli.InputError, match="data.new_option"):
+        finetune.check_workdir(str(tmp_path), grown)
+    changed = json.loads(json.dumps(cfg))
+    changed["optim"]["learning_rate"] = 0.5
+    with pytest.raises(cli.InputError, match="optim.learning_rate"):
+        finetune.check_workdir(str(tmp_path), changed)

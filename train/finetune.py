@@ -225,7 +225,10 @@ def check_workdir(workdir: str, config: dict) -> None:
         raise cli.InputError(f"--workdir: {path}: cannot read the earlier run's config ({e})") from None
     old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
     allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not allowed(k))
+    # A field the code gained after the run started, left unset ("off"), changes nothing.
+    added_unset = lambda k: k not in old and new.get(k) in (None, "", 0, False)
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and not allowed(k) and not added_unset(k))
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise cli.InputError(f"--workdir: {workdir} holds a run with another config ({detail}); use a new "
