@@ -36,7 +36,8 @@ from ml_collections import config_flags
 
 import configs
 from eval import demo_synth
-from eval.inputs import check_generation_config, check_model_source, encode, image_inputs, load_model, video_inputs
+from eval.inputs import (DEFAULT_IMAGE_SIZE, check_generation_config, check_model_source, encode, image_inputs,
+                         load_model, video_inputs)
 from eval.qa_variants import FULL, PLAN_NAMES
 from hybridvlm.data import synth
 from hybridvlm.shipped import pretrained_names, resolve_checkpoint
@@ -108,7 +109,7 @@ def run_synth(cfg, checkpoint=None, *, seed=None, plan="progressive", budget=0.2
     if seed is None:
         seed = new_seed()
     model, tok, label = load_model(cfg, checkpoint)
-    side = model.config.image_size or 512
+    side = model.config.image_size or DEFAULT_IMAGE_SIZE
     record = demo_synth.pick_example(seed, num_frames=cfg.max_frames, frame_size=side)
     if clip_out is not None:
         demo_synth.save_contact_sheet(record, clip_out)

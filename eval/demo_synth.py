@@ -12,6 +12,7 @@ under the paper's progressive plan (the vision tower, shared by both, is timed a
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import numpy as np
@@ -77,8 +78,7 @@ def answer_full_and_reduced(model: NemotronHVLModel, tok, record: VideoQARecord,
     frames = len(record.frames)
     bucket = -(-frames // vc.temporal_patch_size) * vc.temporal_patch_size
     base = PipelineConfig.for_model(vc, batch_size=1, buckets=(bucket,), max_frames=frames)
-    cfg = PipelineConfig.for_model(vc, batch_size=1, buckets=(bucket,), max_frames=frames,
-                                   row_lengths=(row_lengths([record], base, tok)[bucket],))
+    cfg = dataclasses.replace(base, row_lengths=(row_lengths([record], base, tok)[bucket],))
     example = PrepareExample(cfg, tok, train=False)(record)
     if isinstance(example, Skipped):
         raise ValueError(f"{record.uid}: {example.reason}")
