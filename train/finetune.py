@@ -201,11 +201,11 @@ def check_tokenizer(tok, vlm: VLMConfig) -> None:
                        f"{vlm.image_token_id} is not the tokenizer's <image> id ({image})")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_config(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -223,7 +223,7 @@ def check_workdir(workdir: str, config: dict) -> None:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise cli.InputError(f"--workdir: {path}: cannot read the earlier run's config ({e})") from None
-    old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
+    old, new = flat_config(saved), flat_config(json.loads(json.dumps(config)))
     allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)
     # A field the code gained after the run started, left unset ("off"), changes nothing.
     added_unset = lambda k: k not in old and new.get(k) in (None, "", 0, False)

@@ -32,7 +32,7 @@ from hybridvlm.hf_export import export_hf
 from hybridvlm.loading import from_pretrained
 from hybridvlm.shipped import PRETRAINED_DIR
 from hybridvlm.tokenizer import TOKENIZER_FILE
-from train.finetune import MODEL_DIR, _flat
+from train.finetune import MODEL_DIR, flat_config
 from train.metrics import METRICS_FILE, read_metrics
 from train.model import TRAINING_FILE
 
@@ -66,7 +66,7 @@ def stages(model_dir: str) -> list[dict]:
 
 def command(config: dict, base: dict, base_path: str, workdir: str, init: str | None) -> str:
     """The `train.finetune` command that reproduces `config` from the base config file."""
-    new, old = _flat(config), _flat(base)
+    new, old = flat_config(config), flat_config(base)
     args = [f"--config.{k}={json.dumps(v) if not isinstance(v, str) else v}"
             for k, v in sorted(new.items()) if k != "init" and old.get(k) != v]
     if init:
