@@ -202,6 +202,7 @@ def check_tokenizer(tok, vlm: VLMConfig) -> None:
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict keyed by dotted field names."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
