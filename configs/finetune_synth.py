@@ -19,12 +19,22 @@ Fields:
   data.buckets: frame buckets, comma separated (a static shape, and a plan, per bucket).
   data.frame_text_tokens / data.text_tokens: a row's text budget (per frame label; question,
     options and instruction), which sets each bucket's static row length.
+  data.target: what the last position learns to predict: "letter" (the answer's option
+    letter) or "option" (the answer option's own first distinguishing token, " red": a
+    curriculum stage before letters; accuracy is then over the options' tokens).
+  data.distractors: generated training clips show each event that does not answer the
+    question with this probability (1.0: all, the real task; 0.0: only the answer events);
+    a curriculum raises it stage by stage. Validation always shows every event.
   tokenizer: the built-in tokenizer of a fresh model, "byte" or "synth" (whole words of
     SynthVideoQA prompts; a prompt several times shorter); an `init` checkpoint brings its own.
   reduction.shape: None (no reduction) or a plan of `reduction.plan.NAMED` ("step" is the
     paper's progressive schedule) at reduction.budget (the kept share of visual-token
     layer-compute, e.g. 0.25); one static plan per frame bucket.
   optim.freeze: parts kept fixed, comma separated, among vision, projector, lm, lm_embed.
+  text_loss: weight of an added cross-entropy on the text after the video (question,
+    options, instruction; up to data.text_tokens per row), 0 = answer only. Its words name
+    what the video holds, so it gives many grounded targets per clip where the answer gives
+    one (a curriculum aid; reported as text_loss, apart from loss).
   remat: None or a `hybridvlm.lm.REMAT_POLICIES` name (per LM layer and vision tower).
   mesh.data / mesh.fsdp / mesh.tensor: device mesh axis sizes, one may be -1 (the rest).
   compilation_cache: a directory for JAX's persistent compilation cache (None: off).
@@ -67,10 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         clip_norm=1.0, accumulate=1, freeze=""))
     c.data = ml_collections.ConfigDict(dict(
         train="synth", eval="synth", frames="16", frame_size=64, buckets="16", train_examples=20_000,
-        eval_examples=64, workers=0, frame_text_tokens=40, text_tokens=384))
+        eval_examples=64, workers=0, frame_text_tokens=40, text_tokens=384, target="letter",
+        distractors=1.0))
     c.reduction = ml_collections.ConfigDict(dict(shape=config_dict.placeholder(str),
                                                  budget=config_dict.placeholder(float)))
     c.remat = config_dict.placeholder(str)
+    c.text_loss = 0.0
     # Activations' dtype on float32 master weights; "auto": bfloat16 on TPU/GPU, float32 on CPU.
     c.compute_dtype = "auto"
     c.distributed = config_dict.placeholder(bool)

@@ -42,7 +42,8 @@ def describe_clip(record: VideoQARecord) -> list[str]:
     lines = []
     for start, length, shape, color in np.asarray(record.meta["events"]).tolist():
         t0, t1 = start / synth.FPS, (start + length - 1) / synth.FPS
-        lines.append(f"  {t0:5.1f}-{t1:5.1f} s  {synth.COLORS[color]} {synth.SHAPES[shape]}")
+        what = "(blank)" if shape < 0 else f"{synth.COLORS[color]} {synth.SHAPES[shape]}"
+        lines.append(f"  {t0:5.1f}-{t1:5.1f} s  {what}")
     return lines
 
 

@@ -207,6 +207,9 @@ def test_bad_command_is_one_line(tmp_path, extra, status, message):
     (dict(tokenizer="synth"), cli.UsageError, "--config.model.text.vocab_size"),
     (dict(data=dict(eval="videomme")), cli.InputError, "--config.data.eval"),
     (dict(remat="everything"), cli.UsageError, "--config.remat"),
+    (dict(data=dict(target="word")), cli.UsageError, "--config.data.target"),
+    (dict(data=dict(distractors=1.5)), cli.UsageError, "--config.data.distractors"),
+    (dict(data=dict(distractors=0.5, train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.distractors"),
     (dict(model=dict(text=dict(hidden_sise=8))), cli.UsageError, "--config.model"),
     (dict(init="/nonexistent/ckpt"), CheckpointError, "--config.init: /nonexistent/ckpt"),
 ])
@@ -235,6 +238,10 @@ def test_the_shipped_models_config_checks_and_mixes_video_lengths():
     assert settings.frames == (16, 32) and settings.buckets == (16, 32, 64)
     train_src, _ = finetune._sources(cfg, settings)
     assert [len(train_src[i].frames) for i in range(3)] == [16, 32, 16]
+    # A curriculum stage blanks distractors in the training clips only.
+    cfg.data.distractors = 0.0
+    train_src, val_src = finetune._sources(cfg, finetune.check_config(cfg))
+    assert train_src.distractors == 0.0 and val_src.distractors == 1.0
 
 
 def test_a_finished_run_ships_as_a_named_model(reference, tmp_path, monkeypatch):
@@ -277,6 +284,18 @@ def test_resuming_tolerates_fields_added_unset_but_not_set_ones(tmp_path):
     grown = json.loads(json.dumps(cfg))
     grown["data"]["new_option"] = ""  # a field the code gained since, left unset
     finetune.check_workdir(str(tmp_path), grown)
+    # Fields added later at the value that behaves as before resume too (data.target, ...).
+    old = json.loads(json.dumps(cfg))
+    del old["data"]["target"], old["data"]["distractors"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(old, f)
+    finetune.check_workdir(str(tmp_path), cfg)
+    cfg_option = json.loads(json.dumps(cfg))
+    cfg_option["data"]["target"] = "option"
+    with pytest.raises(cli.InputError, match="data.target"):
+        finetune.check_workdir(str(tmp_path), cfg_option)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
     grown["data"]["new_option"] = "on"
     with pytest.raises(cli.InputError, match="data.new_option"):
         finetune.check_workdir(str(tmp_path), grown)

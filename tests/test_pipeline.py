@@ -23,6 +23,7 @@ from eval.inputs import tiny_vlm_config
 from hybridvlm.data.pipeline import (IGNORE, PipelineConfig, PipelineError, answer_token_ids, eval_pipeline,
                                      pad_to_bucket, restore_args, restore_iterator, save_args, save_iterator,
                                      train_pipeline)
+from hybridvlm.data.pipeline_config import option_token_ids
 from hybridvlm.data.records import VideoQARecord
 from hybridvlm.prompt import video_prompt
 from hybridvlm.tokenizer import byte_tokenizer
@@ -132,9 +133,42 @@ def test_padding_masks_labels_and_the_prompt_text():
             assert text.endswith("\n" + rec.text())
             # Labels: only the last column, the answer letter (what the last position predicts).
             assert labels[-1] == letters[rec.answer] and (labels[:-1] == IGNORE).all()
+            # Text labels: the next token of every text column after the video.
+            tl = b["text_labels"][r]
+            after = start + np.flatnonzero(real == IMG)[-1] + 1
+            assert (tl[:after] == IGNORE).all() and tl[-1] == IGNORE
+            assert (tl[after:-1] == ids[after + 1:]).all()
+            assert ids[after] == TOK.token_to_id("</img>")
+            assert TOK.decode(tl[after:-1].tolist(), skip_special_tokens=False) == "\n" + rec.text()
+            k = len(rec.options)  # the row's choices: its options' letters
+            assert b["choice_ids"][r, :k].tolist() == list(letters[:k]) and (b["choice_ids"][r, k:] == -1).all()
             assert b["answer"][r] == rec.answer and b["num_options"][r] == len(rec.options)
             assert b["meta"][r] == {"index": int(rec.uid[1:])} and b["task"][r] == "color"
             assert np.isnan(b["timestamps"][r][n:]).all()
+
+
+def test_option_target_predicts_the_answer_options_own_token():
+    # " red" / " green" / " blue" are told apart by their first letter (byte tokens), the
+    # motion options " a square" / " a ball" by their third token.
+    cfg = _cfg(target="option")
+    batches = _batches(eval_pipeline(SOURCE, cfg, tokenizer=TOK, shard=(0, 1)))
+    by_uid = {r.uid: r for r in SOURCE}
+    rows = 0
+    for b in batches:
+        for r in np.flatnonzero(b["valid"]):
+            rec = by_uid[str(b["uid"][r])]
+            firsts = [TOK.token_to_id(o[0]) for o in rec.options]
+            k = len(rec.options)
+            assert b["choice_ids"][r, :k].tolist() == firsts and (b["choice_ids"][r, k:] == -1).all()
+            assert b["labels"][r, -1] == firsts[rec.answer]
+            rows += 1
+    assert rows == len(SOURCE)
+    assert option_token_ids(TOK, ("a square", "a ball")) == (TOK.token_to_id("s"), TOK.token_to_id("b"))
+    for bad in [("red", "red"), ("ab", "ac", "bc"), ("red",)]:
+        with pytest.raises(PipelineError, match="option"):
+            option_token_ids(TOK, bad)
+    with pytest.raises(PipelineError, match="target: must be one of"):
+        _cfg(target="word")
 
 
 def test_long_prompts_are_an_error_or_skipped_and_counted():
@@ -306,6 +340,9 @@ def test_a_batch_runs_through_the_tiny_vlm_and_each_row_equals_the_row_alone():
     bigger = np.asarray(fwd(state, jnp.asarray(big["input_ids"]), jnp.asarray(big["attention_mask"]),
                             jnp.asarray(big["pixel_values_videos"])))
     assert bigger.shape[1] == 384 and np.isfinite(bigger).all()
+    for key in ("labels", "text_labels", "choice_ids"):  # targets move with their rows' text
+        width = batch[key].shape[1] if key == "choice_ids" else None
+        np.testing.assert_array_equal(big[key][:, -width if width else -batch[key].shape[1]:], batch[key])
     rows = [batch["input_ids"][r][batch["attention_mask"][r]] for r in range(2)]
     assert rows[0].size > rows[1].size  # different real lengths in one bucket
     for r, row in enumerate(rows):

@@ -297,6 +297,7 @@ def test_chunk_groups_equal_one_group_and_bfloat16():
         (y1, s1), (y2, s2), (y0, s0_) = run(2, *args), run(None, *args), run(0, *args)
         assert scaled_err(y1, y2) <= 1e-5 and scaled_err(s1, s2) <= 1e-5
         np.testing.assert_array_equal(np.asarray(y0), np.asarray(y2))  # 0 and None: one group
+        np.testing.assert_array_equal(np.asarray(s0_), np.asarray(s2))
 
 
 def test_chunk_group_gradients_match_sequential():

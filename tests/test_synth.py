@@ -362,6 +362,7 @@ def test_split_seeds_are_disjoint():
 @pytest.mark.parametrize("kwargs, word", [
     (dict(num_frames=15), "num_frames"), (dict(num_frames=257), "num_frames"), (dict(size=8), "size"),
     (dict(task="colour"), "task"), (dict(seed=-1), "seed"), (dict(index=-1), "index"),
+    (dict(distractors=1.5), "distractors"), (dict(distractors=-0.1), "distractors"),
 ])
 def test_bad_arguments_are_refused(kwargs, word):
     args = dict(seed=0, index=0) | kwargs
@@ -371,7 +372,7 @@ def test_bad_arguments_are_refused(kwargs, word):
     if word not in ("index",):
         with pytest.raises(ValueError, match=word):
             synth.SynthSource(seed, 3, args.get("num_frames", 32), frame_size=args.get("size", 128),
-                              task=args.get("task"))
+                              task=args.get("task"), distractors=args.get("distractors", 1.0))
 
 
 def test_source_takes_several_video_lengths_in_turn():
@@ -383,3 +384,38 @@ def test_source_takes_several_video_lengths_in_turn():
         synth.SynthSource(7, 5, (16, 8))
     with pytest.raises(ValueError, match="at least one"):
         synth.SynthSource(7, 5, ())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_distractors_blank_non_answer_events_only(p):
+    # Everything but the hidden events' pixels is the full example's: the same events,
+    # geometry and noise, the same question and answer; hidden frames are background only.
+    hidden_share = []
+    for i in range(24):
+        full = synth.generate(3, i, num_frames=32, size=32)
+        rec = synth.SynthSource(3, 24, 32, frame_size=32, distractors=p)[i]
+        assert (rec.question, rec.options, rec.answer) == (full.question, full.options, full.answer)
+        np.testing.assert_array_equal(rec.meta["answer_frames"], full.meta["answer_frames"])
+        ev, ev_full = rec.meta["events"], full.meta["events"]
+        np.testing.assert_array_equal(ev[:, :2], ev_full[:, :2])
+        hidden = ev[:, 2] < 0
+        answer_events = [e for e, (start, _, _, _) in enumerate(ev_full) if full.meta["answer_frames"][start]]
+        assert not hidden[answer_events].any()
+        np.testing.assert_array_equal(ev[~hidden], ev_full[~hidden])
+        assert (ev[hidden, 3] < 0).all()
+        for start, length, shape, _ in ev:
+            frames, frames_full = rec.frames[start:start + length], full.frames[start:start + length]
+            if shape >= 0:
+                np.testing.assert_array_equal(frames, frames_full)
+            else:  # background and noise only: no pixel above the noise band
+                assert frames.max() <= synth.BACKGROUND + synth.NOISE
+                assert not np.array_equal(frames, frames_full)
+                assert (rec.meta["frame_shape"][start:start + length] == -1).all()
+        hidden_share.append(hidden.sum() / max(1, len(ev) - len(answer_events)))
+    if p == 0.0:
+        assert min(hidden_share) == 1.0  # only the answer events remain
+    else:
+        assert 0.3 < np.mean(hidden_share) < 0.7
+    # Shown with probability 1 is the full example, byte for byte.
+    a, b = synth.generate(3, 5, num_frames=32, size=32, distractors=1.0), synth.generate(3, 5, num_frames=32, size=32)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.meta["events"], b.meta["events"])

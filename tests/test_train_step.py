@@ -149,6 +149,54 @@ def test_answer_loss_equals_the_loss_of_the_full_logits(model, with_plan):
     assert float(aux["tokens"]) == 2.0 and float(aux["correct"]) == float(want_correct)
 
 
+def test_text_loss_adds_the_mean_cross_entropy_of_the_text_after_the_video(model):
+    from hybridvlm.data.layout import text_labels
+
+    batch = _small_batch(rows=3, tubelets=2, real=1, seed=4)
+    batch["valid"][2] = False  # a padding row: its text never counts
+    batch["text_labels"] = text_labels(batch["input_ids"], batch["attention_mask"], IMG)
+    plan = _plan(2, 3)
+    x = {k: jnp.asarray(v) for k, v in batch.items()}
+    logits = model(x["input_ids"], pixel_values_videos=x["pixel_values_videos"], attention_mask=x["attention_mask"],
+                   reduction=plan)  # (b, t', V); text columns keep their order at the end of each row
+    ce, n = 0.0, 0
+    for r in range(2):
+        ids, mask = batch["input_ids"][r], batch["attention_mask"][r]
+        after = np.flatnonzero(mask & (ids == IMG))[-1] + 1  # </img>-equivalent: the first text column after the video
+        text_cols = np.arange(after, ids.size - 1)
+        assert (batch["text_labels"][r, text_cols] == ids[text_cols + 1]).all()
+        assert (np.delete(batch["text_labels"][r], text_cols) == -100).all()
+        shift = ids.size - logits.shape[1]  # text is never pruned: it sits at the same distance from the end
+        lg = np.asarray(logits[r, text_cols - shift])
+        lse = np.log(np.sum(np.exp(lg - lg.max(-1, keepdims=True)), -1)) + lg.max(-1)
+        ce += float(np.sum(lse - lg[np.arange(text_cols.size), ids[text_cols + 1]]))
+        n += text_cols.size
+    base, _ = tl.answer_loss(model, x, answer_ids=LETTERS, reduction=plan)
+    loss, aux = tl.answer_loss(model, x, answer_ids=LETTERS, reduction=plan, text_weight=0.5, max_text_tokens=16)
+    assert float(aux["text_tokens"]) == n
+    np.testing.assert_allclose(float(aux["text_loss_sum"]), ce, rtol=2e-5)
+    np.testing.assert_allclose(float(loss), float(base) + 0.5 * ce / n, rtol=2e-5)
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        tl.answer_loss(model, x, answer_ids=LETTERS, reduction=plan, text_weight=0.5)
+
+
+def test_accuracy_takes_the_best_of_each_rows_own_choices():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 1, 50)).astype(np.float32)
+    # Row 0 has 2 options (ids 7, 9), row 1 four (the letters' places held by other ids), row 2 none.
+    choice_ids = np.full((3, 10), -1, np.int32)
+    choice_ids[0, :2] = (7, 9)
+    choice_ids[1, :4] = (40, 3, 11, 25)
+    logits[0, 0, 30] = 99.0  # the best token overall is not a choice of row 0
+    got = np.asarray(tl.best_choice(jnp.asarray(logits), {"choice_ids": choice_ids}, LETTERS))
+    assert got[0, 0] == (7 if logits[0, 0, 7] > logits[0, 0, 9] else 9)
+    assert got[1, 0] == max((40, 3, 11, 25), key=lambda i: logits[1, 0, i])
+    # Without choice_ids, every row's choices are the letters.
+    got = np.asarray(tl.best_choice(jnp.asarray(np.tile(logits, (1, 2, 1))), {}, LETTERS))
+    want = [[max(LETTERS, key=lambda i: logits[r, 0, i])] * 2 for r in range(3)]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_answer_columns_map_through_pruning():
     columns = jnp.asarray([[0, 2, 3, 7, 9], [1, 4, 5, 6, 8]], jnp.int32)
     slots, found = tl.survivor_slots(columns, jnp.asarray([[9, 3], [6, 7]], jnp.int32))

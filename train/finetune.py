@@ -46,6 +46,7 @@ from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.config import ConfigError
 from hybridvlm.vlm import VLMConfig
 from hybridvlm.data.pipeline import PipelineConfig, answer_token_ids, eval_pipeline, train_pipeline
+from hybridvlm.data.pipeline_config import TARGETS
 from hybridvlm.data.pipeline_config import PipelineError
 from hybridvlm.lm import REMAT_POLICIES
 from hybridvlm.tokenizer import TOKENIZERS, named_tokenizer
@@ -67,6 +68,9 @@ MODEL_DIR = "model"
 # Fields a resumed run may change: how long it runs, how often it logs and saves, where.
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "mesh",
                      "distributed", "tensorboard", "compilation_cache", "data.workers")
+# Fields added to the config after runs began, at the value that behaves as before the field
+# existed: a run started earlier resumes with them.
+ADDED_DEFAULTS = {"data.target": "letter", "data.distractors": 1.0}
 
 
 def define_flags() -> None:
@@ -166,6 +170,13 @@ def check_config(cfg) -> Settings:
                        f"{max(frames)} frames do not fit the largest bucket ({max(buckets)})")
     cli_checks.at_least("--config.data.frame_text_tokens", cfg.data.frame_text_tokens, 0)
     cli_checks.at_least("--config.data.text_tokens", cfg.data.text_tokens, 1)
+    cli_checks.in_range("--config.data.distractors", cfg.data.distractors, 0.0, 1.0)
+    cli_checks.at_least("--config.text_loss", cfg.text_loss, 0.0)
+    cli_checks.require(cfg.data.distractors == 1.0 or cfg.data.train == "synth", "--config.data.distractors",
+                       f"blanking distractor events needs generated SynthVideoQA (--config.data.train=synth, "
+                       f"not {cfg.data.train!r})")
+    cli_checks.require(cfg.data.target in TARGETS, "--config.data.target",
+                       f"unknown target {cfg.data.target!r}; choose one of {', '.join(TARGETS)}")
     cli_checks.require(cfg.tokenizer in TOKENIZERS, "--config.tokenizer",
                        f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     try:
@@ -227,7 +238,8 @@ def check_workdir(workdir: str, config: dict) -> None:
     old, new = flat_config(saved), flat_config(json.loads(json.dumps(config)))
     allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)
     # A field the code gained after the run started, left unset ("off"), changes nothing.
-    added_unset = lambda k: k not in old and new.get(k) in (None, "", 0, False)
+    added_unset = lambda k: k not in old and (new.get(k) in (None, "", 0, False)
+                                               or k in ADDED_DEFAULTS and new[k] == ADDED_DEFAULTS[k])
     changed = sorted(k for k in set(old) | set(new)
                      if old.get(k) != new.get(k) and not allowed(k) and not added_unset(k))
     if changed:
@@ -250,7 +262,8 @@ def _sources(cfg, settings: Settings):
     d = cfg.data
     frames = settings.frames if len(settings.frames) > 1 else settings.frames[0]
     kw = dict(seed=cfg.seed, num_frames=frames, frame_size=d.frame_size)
-    train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, **kw)
+    # The curriculum's blanked distractors are for training only: validation is the real task.
+    train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, distractors=d.distractors, **kw)
     val = None
     if settings.eval_data is not None:
         val = tdata.source(settings.eval_data, "validation", num_examples=d.eval_examples, **kw)
@@ -283,7 +296,8 @@ def run(cfg, workdir: str) -> dict:
     vcfg = model.config
     pcfg = PipelineConfig.for_model(vcfg, batch_size=cfg.batch_size, buckets=settings.buckets,
                                     workers=cfg.data.workers, seed=cfg.seed,
-                                    frame_text_tokens=cfg.data.frame_text_tokens, text_tokens=cfg.data.text_tokens)
+                                    frame_text_tokens=cfg.data.frame_text_tokens, text_tokens=cfg.data.text_tokens,
+                                    target=cfg.data.target)
     plans = plans_for_buckets(cfg.reduction.shape, cfg.reduction.budget, pcfg, vcfg.text.num_layers)
     letters = answer_token_ids(tok)
     graphdef, params, rest = split_model(model)
@@ -292,7 +306,8 @@ def run(cfg, workdir: str) -> dict:
     layout = StateLayout.of(params, tx, mesh)
     step_fn = layout.jit_step(make_train_step(
         graphdef, rest, tx, optim_config=settings.optim, answer_ids=letters, plan_for_bucket=plans,
-        compute_dtype=settings.compute_dtype, remat_policy=cfg.remat, constrain=layout.constrain))
+        compute_dtype=settings.compute_dtype, remat_policy=cfg.remat, constrain=layout.constrain,
+        text_weight=cfg.text_loss, max_text_tokens=cfg.data.text_tokens))
     eval_fn = layout.jit_eval(make_eval_step(graphdef, rest, answer_ids=letters, plan_for_bucket=plans,
                                              compute_dtype=settings.compute_dtype))
     train_src, val_src = _sources(cfg, settings)
@@ -370,10 +385,13 @@ def _log_train(log: MetricsLog, step: int, pending: list, t0: float) -> dict:
     elapsed = time.perf_counter() - t0
     mean = lambda k: float(np.mean([m[k] for m in got]))
     tokens = float(np.sum([m["tokens"] for m in got]))
-    return log.write(step, dict(
+    row = dict(
         loss=mean("loss"), accuracy=mean("accuracy"), grad_norm=mean("grad_norm"),
         learning_rate=float(got[-1]["learning_rate"]), tokens_per_s=tokens / max(elapsed, 1e-9),
-        steps_per_s=len(got) / max(elapsed, 1e-9)))
+        steps_per_s=len(got) / max(elapsed, 1e-9))
+    if "text_loss" in got[-1]:
+        row["text_loss"] = mean("text_loss")
+    return log.write(step, row)
 
 
 def _save_final(workdir: str, graphdef, params, rest, tok, training: dict) -> None:

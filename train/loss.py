@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hybridvlm.data.layout import IGNORE
+
 def answer_columns(loss_mask, max_answer_tokens: int = 1):
     """The first `max_answer_tokens` answer columns of each row.
 
@@ -56,6 +58,16 @@ def survivor_slots(columns, wanted):
     return slots, jnp.take_along_axis(columns, slots, axis=1) == wanted
 
 
+def text_weights(batch, max_text_tokens: int):
+    """(b, k) text-loss columns and weights (`text_labels` != -100 on valid rows), as
+    `answer_weights`; their sum is the text loss's normaliser."""
+    cols, present = answer_columns(batch["text_labels"] != IGNORE, max_text_tokens)
+    valid = batch.get("valid")
+    if valid is not None:
+        present = present & valid[:, None]
+    return cols, present
+
+
 def answer_weights(batch, max_answer_tokens: int = 1):
     """(b, k) answer columns and their weights from the batch alone (no model).
 
@@ -70,48 +82,86 @@ def answer_weights(batch, max_answer_tokens: int = 1):
     return cols, present
 
 
+def best_choice(logits, batch, answer_ids):
+    """(b, k) int32: the token id of each answer position's best-scored choice.
+
+    logits (b, k, vocab); the choices are batch["choice_ids"] (b, c) (-1 = none) when
+    present, else `answer_ids` for every row.
+    """
+    if "choice_ids" in batch:
+        ids = jnp.asarray(batch["choice_ids"], jnp.int32)  # (b, c)
+    else:
+        ids = jnp.broadcast_to(jnp.asarray(answer_ids, jnp.int32), (logits.shape[0], len(answer_ids)))
+    scores = jnp.take_along_axis(logits, jnp.maximum(ids, 0)[:, None, :], axis=-1)  # (b, k, c)
+    scores = jnp.where(ids[:, None, :] >= 0, scores, -jnp.inf)
+    pick = jnp.argmax(scores, axis=-1)  # (b, k)
+    return jnp.take_along_axis(ids, pick, axis=1)
+
+
+def _gathered_ce(model, h, columns, cols, labels_full, weight):
+    """Cross-entropy (b, k) of the logits at original columns `cols` (located among the
+    survivors `columns`), their labels (b, k) and the weights with missing columns off."""
+    slots, found = survivor_slots(columns, cols)
+    weight = weight & found  # always found in a bucket's layout (text is never pruned)
+    h_k = jnp.take_along_axis(h, slots[..., None], axis=1)  # (b, k, d)
+    logits = model.language_model.logits(h_k)  # (b, k, vocab) float32
+    labels = jnp.where(weight, jnp.take_along_axis(labels_full, cols, axis=1), 0)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels), logits, labels, weight
+
+
 def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normalizer=None,
-                max_answer_tokens: int = 1, per_row: bool = False):
+                max_answer_tokens: int = 1, per_row: bool = False, text_weight: float = 0.0,
+                max_text_tokens: int = 0, text_normalizer=None):
     """Cross-entropy and multiple-choice accuracy on the answer tokens only.
 
     Args:
       model: a `NemotronHVLModel` (its parameters in the compute dtype).
       batch: dict with input_ids (b, L) int32, attention_mask (b, L) bool,
         pixel_values_videos (b, Bt, C, H, W), labels (b, L) int32, loss_mask (b, L)
-        bool and optionally valid (b,) bool (False: padding row, never counted).
+        bool and optionally choice_ids (b, c) int32 (each row's options' token ids, -1
+        past them) and valid (b,) bool (False: padding row, never counted).
       answer_ids: (num_letters,) int token ids of the option letters
-        (`hybridvlm.data.pipeline_config.answer_token_ids`).
+        (`hybridvlm.data.pipeline_config.answer_token_ids`), the choices of a batch
+        without choice_ids.
       reduction: a static ReductionPlan or None; remat: a REMAT_POLICIES name or None.
       normalizer: the number of answer tokens the loss is averaged over (a scalar;
         default: this batch's, `sum(answer_weights(batch)[1])`); gradient
         accumulation passes the whole step's count so micro-batch losses add up.
       max_answer_tokens: static k, as `answer_columns`.
+      text_weight: static; > 0 adds text_weight x the mean cross-entropy of the text after
+        the video (batch["text_labels"], its first `max_text_tokens` per row; averaged over
+        `text_normalizer` tokens, default this batch's): a dense signal of what the video
+        holds (the question's and options' words), on top of the one answer per row.
     Returns:
-      loss (scalar float32: sum of the answer tokens' cross-entropies / normalizer)
-      and a dict of float32 scalars: loss_sum, tokens (answer tokens counted),
-      correct (answer tokens whose argmax over the option letters is the label); with
+      loss (scalar float32: sum of the answer tokens' cross-entropies / normalizer, plus
+      the text term) and a dict of float32 scalars: loss_sum (answer tokens only), tokens
+      (answer tokens counted), with a text term text_loss_sum and text_tokens too,
+      correct (answer tokens whose best-scored choice is the label); with
       `per_row`, also row_correct and row_tokens (b,), the same counts per row.
     """
     cols, weight = answer_weights(batch, max_answer_tokens)
     h, columns = model.hidden_states(batch["input_ids"], pixel_values_videos=batch["pixel_values_videos"],
                                      attention_mask=batch["attention_mask"], reduction=reduction, remat=remat)
-    slots, found = survivor_slots(columns, cols)
-    weight = weight & found  # always found in a bucket's layout (text is never pruned)
-    h_k = jnp.take_along_axis(h, slots[..., None], axis=1)  # (b, k, d)
-    logits = model.language_model.logits(h_k)  # (b, k, vocab) float32
-    labels = jnp.take_along_axis(batch["labels"], cols, axis=1)
-    labels = jnp.where(weight, labels, 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # (b, k)
+    ce, logits, labels, weight = _gathered_ce(model, h, columns, cols, batch["labels"], weight)  # (b, k)
     w = weight.astype(jnp.float32)
     loss_sum = jnp.sum(ce * w)
     tokens = jnp.sum(w)
     if normalizer is None:
         normalizer = tokens
     loss = loss_sum / jnp.maximum(jnp.asarray(normalizer, jnp.float32), 1.0)
-    letters = jnp.asarray(answer_ids, jnp.int32)
-    choice = jnp.argmax(jnp.take(logits, letters, axis=-1), axis=-1)  # (b, k) index into letters
-    hits = jnp.where(letters[choice] == labels, w, 0.0)  # (b, k)
+    hits = jnp.where(best_choice(logits, batch, answer_ids) == labels, w, 0.0)  # (b, k)
     aux = dict(loss_sum=jax.lax.stop_gradient(loss_sum), tokens=tokens, correct=jnp.sum(hits))
+    if text_weight > 0:
+        if max_text_tokens < 1:
+            raise ValueError(f"a text loss needs max_text_tokens >= 1, got {max_text_tokens}")
+        tcols, tweight = text_weights(batch, max_text_tokens)
+        tce, _, _, tweight = _gathered_ce(model, h, columns, tcols, batch["text_labels"], tweight)
+        tw = tweight.astype(jnp.float32)
+        text_sum, text_tokens = jnp.sum(tce * tw), jnp.sum(tw)
+        if text_normalizer is None:
+            text_normalizer = text_tokens
+        loss = loss + text_weight * text_sum / jnp.maximum(jnp.asarray(text_normalizer, jnp.float32), 1.0)
+        aux.update(text_loss_sum=jax.lax.stop_gradient(text_sum), text_tokens=text_tokens)
     if per_row:
         aux.update(row_correct=jnp.sum(hits, axis=1), row_tokens=jnp.sum(w, axis=1))
     return loss, aux

@@ -42,11 +42,12 @@ import optax
 from flax import nnx, struct
 
 from hybridvlm.lm import remat_policy as _check_remat
-from train.loss import answer_loss, answer_weights
+from train.loss import answer_loss, answer_weights, text_weights
 from train.optim import FROZEN, OptimConfig, freeze_labels
 
 # Batch keys the step reads (hybridvlm.data.layout.MODEL_KEYS); host-side keys are ignored.
-STEP_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "labels", "loss_mask", "valid")
+STEP_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "labels", "loss_mask", "text_labels", "choice_ids",
+             "valid")
 
 
 def step_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,7 +130,8 @@ def plan_lookup(plan_for_bucket) -> Callable[[int], Any]:
 
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, optim_config: OptimConfig,
                     answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16, remat_policy: str | None = None,
-                    constrain: Callable[[Any], Any] | None = None, max_answer_tokens: int = 1):
+                    constrain: Callable[[Any], Any] | None = None, max_answer_tokens: int = 1,
+                    text_weight: float = 0.0, max_text_tokens: int = 0):
     """The train step function (not jitted: wrap it in `jax.jit(..., donate_argnums=0)`).
 
     Args:
@@ -145,10 +147,13 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
       constrain: optional tree -> tree hook (sharding constraints) applied to the
         accumulated gradients and to the updated parameters.
       max_answer_tokens: static answer tokens per row (`train.loss.answer_columns`).
+      text_weight, max_text_tokens: an added loss on the text after the video
+        (`train.loss.answer_loss`); 0 = none.
     Returns:
       step(state: TrainState, batch: dict) -> (TrainState, metrics), metrics a dict of
       float32 scalars: loss (mean cross-entropy over the batch's answer tokens),
-      accuracy (multiple-choice, over the same tokens), answer_tokens, grad_norm (global
+      accuracy (multiple-choice, over the same tokens), answer_tokens, with a text loss
+      text_loss (mean cross-entropy over the text tokens), grad_norm (global
       norm of the float32 gradients before clipping), learning_rate (of this update),
       tokens (real tokens of the batch, for throughput).
       batch: input_ids (b, L) int32, attention_mask (b, L) bool, pixel_values_videos
@@ -169,12 +174,15 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
         plan = lookup(frames)
         labels = freeze_labels(state.params, optim_config.freeze)
         normalizer = jnp.sum(answer_weights(batch, max_answer_tokens)[1].astype(jnp.float32))
+        text_normalizer = (jnp.sum(text_weights(batch, max_text_tokens)[1].astype(jnp.float32))
+                           if text_weight > 0 else None)
 
         def loss_fn(params, micro):
             params = jax.tree_util.tree_map(lambda x, lab: jax.lax.stop_gradient(x) if lab == FROZEN else x,
                                             params, labels)
             return answer_loss(to_model(params), micro, answer_ids=answer_ids, reduction=plan, remat=remat_policy,
-                               normalizer=normalizer, max_answer_tokens=max_answer_tokens)
+                               normalizer=normalizer, max_answer_tokens=max_answer_tokens, text_weight=text_weight,
+                               max_text_tokens=max_text_tokens, text_normalizer=text_normalizer)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accumulate == 1:
@@ -194,6 +202,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             aux0 = dict(loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32),
                         correct=jnp.zeros((), jnp.float32))
+            if text_weight > 0:
+                aux0.update(text_loss_sum=jnp.zeros((), jnp.float32), text_tokens=jnp.zeros((), jnp.float32))
             (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), aux0), micro)
         if constrain is not None:
             grads = constrain(grads)
@@ -204,13 +214,16 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
             params = constrain(params)
         rng, _ = jax.random.split(state.rng)
         metrics = dict(
-            loss=loss.astype(jnp.float32),
+            # The answer's cross-entropy (what eval_loss measures); a text term is reported apart.
+            loss=aux["loss_sum"] / jnp.maximum(normalizer, 1.0),
             accuracy=aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
             answer_tokens=aux["tokens"],
             grad_norm=grad_norm.astype(jnp.float32),
             learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
             tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         )
+        if text_weight > 0:
+            metrics["text_loss"] = aux["text_loss_sum"] / jnp.maximum(aux["text_tokens"], 1.0)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng), metrics
 
     return step

@@ -12,6 +12,13 @@ Batch keys (b rows, L = cfg.row_length(bucket), Bt = bucket tubelets, F = bucket
     labels (b, L) int32: next-token targets aligned with the logits (labels[r, t] is what
       logits[r, t] should predict): the answer letter's id at the last column, -100 elsewhere
       (and on rows without an answer), loss_mask (b, L) bool = labels != -100,
+    text_labels (b, L) int32: next-token targets of the text after the video (its question,
+      options and instruction: text_labels[r, c] = input_ids[r, c + 1] for the columns from
+      the last `</img>` to the one before the last), -100 elsewhere; an optional dense
+      loss on them (`train.loss.answer_loss(text_weight=...)`) teaches what the video holds,
+    choice_ids (b, MAX_CHOICES) int32: the token ids of the row's options (`Example.choices`:
+      the letters, or the options' own tokens), -1 past its options; accuracy is the share
+      of rows whose best-scored choice is the label,
     valid (b,) bool: False on padding rows.
   host-side metadata (numpy):
     uid (b,) str, answer (b,) int32 (-1: none), num_options (b,) int32, task (b,) str,
@@ -29,9 +36,12 @@ import numpy as np
 from hybridvlm.batch import pad_video_batch
 from hybridvlm.data.pipeline_config import PipelineConfig
 from hybridvlm.data.pipeline_example import Example
+from hybridvlm.data.records import LETTERS
 
 IGNORE = -100  # labels value where no loss is taken
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "labels", "loss_mask", "valid")
+MAX_CHOICES = len(LETTERS)  # options a question can have
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "labels", "loss_mask", "text_labels", "choice_ids",
+              "valid")
 HOST_KEYS = ("uid", "answer", "num_options", "task", "bucket", "num_frames", "timestamps", "meta")
 
 
@@ -43,6 +53,21 @@ def _empty_row(cfg: PipelineConfig):
 def _layout(cfg: PipelineConfig, rows, bucket: int):
     return pad_video_batch(rows, bucket=cfg.tubelets(bucket), tokens_per_tubelet=cfg.tokens_per_tubelet,
                            image_token_id=cfg.image_token_id, pad_token_id=cfg.pad_id, length=cfg.row_length(bucket))
+
+
+def text_labels(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int) -> np.ndarray:
+    """(b, L) int32: each row's next-token targets over the text after its video (see the
+    module doc); a row without placeholders has them over its whole prompt."""
+    b, length = input_ids.shape
+    out = np.full((b, length), IGNORE, np.int32)
+    for r in range(b):
+        real = np.flatnonzero(attention_mask[r])
+        if real.size < 2:
+            continue
+        visual = np.flatnonzero((input_ids[r] == image_token_id) & attention_mask[r])
+        start = visual[-1] + 1 if visual.size else real[0]
+        out[r, start:length - 1] = input_ids[r, start + 1:]
+    return out
 
 
 def collate(examples: Sequence[Example], bucket: int, cfg: PipelineConfig, rows: int) -> dict[str, np.ndarray]:
@@ -57,10 +82,12 @@ def collate(examples: Sequence[Example], bucket: int, cfg: PipelineConfig, rows:
     input_ids, attention_mask, pixels = _layout(cfg, laid, bucket)
     labels = np.full(input_ids.shape, IGNORE, np.int32)
     timestamps = np.full((rows, bucket), np.nan, np.float32)
+    choice_ids = np.full((rows, MAX_CHOICES), -1, np.int32)
     for r, e in enumerate(examples):
         if e.target >= 0:
             labels[r, -1] = e.target
         timestamps[r, : e.num_frames] = e.timestamps
+        choice_ids[r, : len(e.choices)] = e.choices
     pad = rows - n
     meta = np.empty((rows,), object)
     for r in range(rows):
@@ -71,6 +98,8 @@ def collate(examples: Sequence[Example], bucket: int, cfg: PipelineConfig, rows:
         pixel_values_videos=pixels.astype(np.float32, copy=False),
         labels=labels,
         loss_mask=labels != IGNORE,
+        text_labels=text_labels(input_ids, attention_mask, cfg.image_token_id),
+        choice_ids=choice_ids,
         valid=np.arange(rows) < n,
         uid=np.asarray([e.uid for e in examples] + [""] * pad, dtype=str),
         answer=np.asarray([e.answer for e in examples] + [-1] * pad, np.int32),
@@ -114,5 +143,6 @@ def pad_to_bucket(batch: Mapping[str, Any], bucket: int, cfg: PipelineConfig) ->
     timestamps[:, :old] = batch["timestamps"]
     out = dict(batch)
     out.update(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixels, labels=labels,
-               loss_mask=labels != IGNORE, bucket=np.full((len(rows),), bucket, np.int32), timestamps=timestamps)
+               loss_mask=labels != IGNORE, text_labels=text_labels(input_ids, attention_mask, cfg.image_token_id),
+               bucket=np.full((len(rows),), bucket, np.int32), timestamps=timestamps)
     return out

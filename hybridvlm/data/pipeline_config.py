@@ -24,6 +24,9 @@ DEFAULT_IMAGE_SIZE = 512
 LENGTH_MULTIPLE = 64
 # What to do with an example whose prompt is longer than its bucket's row.
 LONG_PROMPTS = ("error", "skip")
+# What a training row predicts at its last position: the option's letter, or the
+# option's own first distinguishing token (a curriculum stage before letters).
+TARGETS = ("letter", "option")
 
 
 class PipelineError(ValueError):
@@ -56,6 +59,9 @@ class PipelineConfig:
         the budget above.
       long_prompts: "error" (default: a PipelineError naming the record's uid and the
         lengths) or "skip" (reported, counted in the stats, and skipped).
+      target: "letter" (default: the answer letter's token) or "option" (the answer
+        option's first token that tells the options apart, e.g. " red"; the row's
+        choices are the options' such tokens). See `option_token_ids`.
       seed: shuffle seed (training).
       workers: grain worker processes (0: in this process, with `prefetch` batches
         read ahead by a thread); read_threads: threads decoding examples per worker.
@@ -83,6 +89,7 @@ class PipelineConfig:
     text_tokens: int = 384
     row_lengths: tuple[int, ...] | None = None
     long_prompts: str = "error"
+    target: str = "letter"
     seed: int = 0
     workers: int = 0
     read_threads: int = 2
@@ -122,6 +129,8 @@ class PipelineConfig:
                                          f"{self.visual_tokens(bucket)} visual tokens")
         if self.long_prompts not in LONG_PROMPTS:
             raise bad("long_prompts", f"must be one of {LONG_PROMPTS}, got {self.long_prompts!r}")
+        if self.target not in TARGETS:
+            raise bad("target", f"must be one of {TARGETS}, got {self.target!r}")
         if self.workers < 0 or self.read_threads < 0 or self.prefetch < 0:
             raise bad("workers", f"workers, read_threads and prefetch must be >= 0, got {self.workers}, "
                                  f"{self.read_threads}, {self.prefetch}")
@@ -207,3 +216,25 @@ def answer_token_ids(tok: Tokenizer, num_options: int = len(LETTERS)) -> tuple[i
                                 "the letter targets need one token each")
         ids.append(enc[0])
     return tuple(ids)
+
+
+def option_token_ids(tok: Tokenizer, options) -> tuple[int, ...]:
+    """Each option's first token that tells the options apart (the "option" target).
+
+    Options are encoded as the prompt writes them, after a space (" red", " the red
+    circle"); the position is the first one where the options' tokens are not all
+    equal, and there they must be pairwise distinct (" the red circle" / " the blue
+    ring" -> " red", " blue"). Raises PipelineError naming the options otherwise.
+    """
+    seqs = [tok.encode(" " + str(o), add_special_tokens=False).ids for o in options]
+    if len(seqs) < 2:
+        raise PipelineError(f"options {list(options)!r}: an option target needs at least 2 options")
+    for p in range(max(len(q) for q in seqs)):
+        column = [q[p] if p < len(q) else None for q in seqs]
+        if len(set(column)) == 1:
+            continue
+        if None in column or len(set(column)) != len(column):
+            break
+        return tuple(int(i) for i in column)
+    raise PipelineError(f"options {list(options)!r}: no token position tells every option apart "
+                        "(the option target needs one; use target='letter')")

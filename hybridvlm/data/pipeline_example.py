@@ -18,7 +18,8 @@ import av
 import numpy as np
 from tokenizers import Tokenizer
 
-from hybridvlm.data.pipeline_config import PipelineConfig, PipelineError, answer_token_ids, image_token
+from hybridvlm.data.pipeline_config import (PipelineConfig, PipelineError, answer_token_ids, image_token,
+                                             option_token_ids)
 from hybridvlm.data.records import VideoQARecord
 from hybridvlm.prompt import video_prompt
 from hybridvlm.video import VideoError, frames_to_pixels, pack_tubelets, read_video
@@ -36,7 +37,10 @@ class Example:
     ids: (n,) int32 prompt ids (BOS first), `tubelets * tokens_per_tubelet` placeholders.
     tubelets: (tubelets, temporal_patch * 3, S, S) float32 normalised pixels.
     bucket: its frame bucket; num_frames, timestamps (num_frames,) seconds.
-    target: the answer letter's token id (-1 without an answer).
+    target: the token id the last position must predict (-1 without an answer): the
+      answer letter's, or with cfg.target == "option" the answer option's own token.
+    choices: the token ids the row's options are told apart by, one per option (the
+      letters, or the options' tokens); accuracy takes the best-scored of these.
     """
 
     uid: str
@@ -50,6 +54,7 @@ class Example:
     num_options: int
     task: str
     meta: Mapping[str, Any]
+    choices: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,8 @@ class PrepareExample:
     """record -> Example | Skipped (a picklable callable: it runs in grain's workers).
 
     train: a record without an answer is skipped (NO_ANSWER); the target is the answer
-    letter's token id, predicted at the prompt's last position.
+    letter's token id (or the answer option's, cfg.target == "option"), predicted at
+    the prompt's last position.
     """
 
     def __init__(self, cfg: PipelineConfig, tokenizer: Tokenizer, *, train: bool):
@@ -141,8 +147,16 @@ class PrepareExample:
                                     "row_lengths, or set long_prompts='skip')")
             return Skipped(record.uid, video, TOO_LONG, reason)
         answer = -1 if record.answer is None else int(record.answer)
+        if cfg.target == "option":
+            try:
+                choices = option_token_ids(self.tokenizer, record.options)
+            except PipelineError as e:
+                raise PipelineError(f"record {record.uid!r}: {e}") from None
+        else:
+            choices = self.letters[: len(record.options)]
         return Example(
             uid=record.uid, ids=ids, tubelets=tubelets, bucket=bucket, num_frames=len(frames),
-            timestamps=np.asarray(times, np.float32), target=-1 if answer < 0 else self.letters[answer],
+            timestamps=np.asarray(times, np.float32), target=-1 if answer < 0 else choices[answer],
             answer=answer, num_options=len(record.options), task=record.task, meta=dict(record.meta),
+            choices=tuple(choices),
         )

@@ -39,6 +39,14 @@ consecutive indices hold one of each):
   count  "How many times does the {shape} appear?"  the shape appears in 1 to 4 events,
          no two adjacent; options "1", "2", "3", "4" in that order.
 Options are shuffled (except `count`); the target is the letter (`record.answer_letter`).
+
+Distractors (a training curriculum; default all shown). With `distractors` = p < 1, each
+event that does not answer the question is shown with probability p and otherwise left
+blank (background only): p = 0 leaves only the answer events, so the question is one of
+perception; raising p towards 1 brings back the events the question must be told apart
+from. The visibility draws come from their own stream (`[seed, index, 1]`), so the
+events, geometry and noise are those of the full example, and p = 1 is it exactly.
+Blanked events have shape and colour -1 in `events`, `frame_shape` and `frame_color`.
 The constraints hold by construction: the answer events are placed first, the other
 events are filled from the shapes / colours that cannot break them. Every video
 has at least 7 events (the event lengths are drawn the same way for every task),
@@ -257,9 +265,11 @@ def _event_geometry(rng: np.random.Generator, length: int, size: int) -> tuple[n
 # ----------------------------------------------------------------------------- records
 
 
-def check_args(seed: int, num_frames: int, size: int, task: str | None = None) -> None:
+def check_args(seed: int, num_frames: int, size: int, task: str | None = None, distractors: float = 1.0) -> None:
     """Raises ValueError naming the argument unless seed >= 0, 16 <= num_frames <= 256,
-    size >= 16 and task is None or one of TASKS."""
+    size >= 16, task is None or one of TASKS, and 0 <= distractors <= 1."""
+    if not 0.0 <= distractors <= 1.0:
+        raise ValueError(f"distractors must be in [0, 1] (the share of non-answer events shown), got {distractors}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not MIN_FRAMES <= num_frames <= MAX_FRAMES:
@@ -271,21 +281,26 @@ def check_args(seed: int, num_frames: int, size: int, task: str | None = None) -
 
 
 def generate(seed: int, index: int, *, num_frames: int = DEFAULT_FRAMES, task: str | None = None,
-             size: int = DEFAULT_SIZE) -> VideoQARecord:
+             size: int = DEFAULT_SIZE, distractors: float = 1.0) -> VideoQARecord:
     """Example `index` of `seed`: a VideoQARecord with frames (num_frames, size, size, 3) uint8.
 
     task: one of TASKS, or None for TASKS[index % 4]. The uid is "synth/{seed}/{index}".
+    distractors: the probability that each non-answer event is shown (see the module doc).
     Raises ValueError for a negative seed or index, or arguments `check_args` refuses.
     """
     seed, index, num_frames, size = int(seed), int(index), int(num_frames), int(size)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
-    check_args(seed, num_frames, size, task)
+    check_args(seed, num_frames, size, task, distractors)
     task = task_of(index) if task is None else task
     rng = np.random.default_rng([seed, index])
 
     lengths = _event_lengths(rng, num_frames)
     shapes, colors, question, options, answer, answer_events = _build_task(rng, task, len(lengths))
+    if distractors < 1.0:
+        hidden = np.random.default_rng([seed, index, 1]).random(len(lengths)) >= distractors
+        hidden[answer_events] = False
+        shapes, colors = np.where(hidden, -1, shapes), np.where(hidden, -1, colors)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     events = np.stack([starts, lengths, shapes, colors], axis=1).astype(np.int32)
 
@@ -301,7 +316,8 @@ def generate(seed: int, index: int, *, num_frames: int = DEFAULT_FRAMES, task: s
 
     frames = background(rng, num_frames, size)
     for t in range(num_frames):
-        draw_shape(frames[t], SHAPES[frame_shape[t]], COLORS[frame_color[t]], frame_center[t], frame_size[t])
+        if frame_shape[t] >= 0:
+            draw_shape(frames[t], SHAPES[frame_shape[t]], COLORS[frame_color[t]], frame_center[t], frame_size[t])
 
     meta = dict(seed=seed, index=index, frame_shape=frame_shape, frame_color=frame_color,
                 frame_center=frame_center, frame_size=frame_size, events=events, answer_frames=answer_frames)
@@ -321,20 +337,20 @@ class SynthSource:
     """
 
     def __init__(self, seed: int, size: int, num_frames: int | Sequence[int] = DEFAULT_FRAMES, *,
-                 frame_size: int = DEFAULT_SIZE, task: str | None = None):
+                 frame_size: int = DEFAULT_SIZE, task: str | None = None, distractors: float = 1.0):
         """seed: generator seed; size: number of examples; num_frames: frames per video (16..256),
         or several lengths taken in turn; frame_size: frame side in pixels; task: one task for
-        all, or None (TASKS[i % 4])."""
+        all, or None (TASKS[i % 4]); distractors: the share of non-answer events shown."""
         if size < 0:
             raise ValueError(f"size (number of examples) must be >= 0, got {size}")
         lengths = (num_frames,) if np.ndim(num_frames) == 0 else tuple(num_frames)
         if not lengths:
             raise ValueError("num_frames: give at least one video length")
         for n in lengths:
-            check_args(seed, n, frame_size, task)
+            check_args(seed, n, frame_size, task, distractors)
         self.seed, self.size = int(seed), int(size)
         self.lengths = tuple(int(n) for n in lengths)
-        self.frame_size, self.task = int(frame_size), task
+        self.frame_size, self.task, self.distractors = int(frame_size), task, float(distractors)
 
     @property
     def num_frames(self) -> int:
@@ -354,9 +370,10 @@ class SynthSource:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"index {index} out of range for {self.size} examples")
-        return generate(self.seed, i, num_frames=self.frames_of(i), task=self.task, size=self.frame_size)
+        return generate(self.seed, i, num_frames=self.frames_of(i), task=self.task, size=self.frame_size,
+                        distractors=self.distractors)
 
     def __repr__(self) -> str:
         frames = self.lengths[0] if len(self.lengths) == 1 else self.lengths
         return (f"SynthSource(seed={self.seed}, size={self.size}, num_frames={frames}, "
-                f"frame_size={self.frame_size}, task={self.task!r})")
+                f"frame_size={self.frame_size}, task={self.task!r}, distractors={self.distractors})")
