@@ -26,7 +26,8 @@ from test_demo import word_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 LM_FIXTURE = os.path.join(FIXTURES, "nemotron_h", "hybrid_g2")
-SCRIPTS = ("eval.demo", "eval.analyze", "eval.bench_prefill", "eval.bench_ssd", "eval.videoqa", "hybridvlm.convert")
+SCRIPTS = ("eval.demo", "eval.analyze", "eval.bench_prefill", "eval.bench_ssd", "eval.videoqa", "eval.findings",
+           "hybridvlm.convert")
 MODEL_BUILT = 97
 TPU_PROBE = "Unable to initialize backend"
 
@@ -109,6 +110,9 @@ def bad(tmp_path_factory) -> dict:
     (d / "a_dir").mkdir()
     (d / "no_ckpt").mkdir()
     (d / "a_file").write_text("x")
+    (d / "report.json").write_text('{"layers": [], "rows": []}')
+    (d / "qa.json").write_text('{"results": [{"plan": "full", "budget": 1.0, "evs": 0.0, "examples": 4, '
+                               '"accuracy": 0.5, "variant": "full"}]}')
     (d / "broken_config.py").write_text("def get_config(:\n")
     (d / "none_config.py").write_text("import ml_collections\n\n\ndef get_config():\n"
                                       "    c = ml_collections.ConfigDict()\n    c.fps = None\n    return c\n")
@@ -116,7 +120,7 @@ def bad(tmp_path_factory) -> dict:
     shutil.copytree(LM_FIXTURE, d / "lm")
     word_tokenizer(d / "lm" / "tokenizer.json")
     names = ("empty.mp4", "corrupt.mp4", "notes.txt", "a_dir", "no_ckpt", "a_file", "lm_no_tokenizer", "lm",
-             "broken_config.py", "none_config.py")
+             "broken_config.py", "none_config.py", "report.json", "qa.json")
     return {k: str(d / k) for k in names} | {"missing": str(d / "missing.mp4"), "dir": str(d)}
 
 
@@ -181,6 +185,15 @@ def bad_command_lines(b: dict) -> list[tuple[str, list[str], int, list[str]]]:
         ("eval.bench_ssd", ["--impls", "triton"], 2, ["--impls", "triton"]),
         ("eval.bench_ssd", ["--heads", "6", "--groups", "4"], 2, ["--groups", "--heads"]),
         ("eval.bench_ssd", ["--json", b["a_dir"]], 1, ["--json", b["a_dir"]]),
+        # findings: reports are read and checked, nothing is run
+        ("eval.findings", [], 2, ["--analysis", "--videoqa", "at least one"]),
+        ("eval.findings", ["--videoqa", b["missing"]], 1, ["--videoqa", b["missing"], "no such file"]),
+        ("eval.findings", ["--videoqa", b["notes.txt"]], 1, ["--videoqa", b["notes.txt"], "not JSON"]),
+        ("eval.findings", ["--videoqa", b["report.json"]], 1, [b["report.json"], "no 'results'"]),
+        ("eval.findings", ["--analysis", b["report.json"]], 1, [b["report.json"], "sparsity"]),
+        ("eval.findings", ["--videoqa", b["qa.json"], "--finetuned", b["qa.json"]], 1,
+         [b["qa.json"], "progressive@0.25"]),
+        ("eval.findings", ["--videoqa", b["qa.json"], "--markdown", b["a_dir"]], 1, ["--markdown", "directory"]),
         # convert
         ("hybridvlm.convert", ["--hf", b["missing"], "--out", b["dir"] + "/o1"], 1, ["--hf", b["missing"]]),
         ("hybridvlm.convert", ["--hf", b["no_ckpt"], "--out", b["dir"] + "/o2"], 1, ["--hf", "no checkpoint"]),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import importlib
 import itertools
+import json
 import os
 import re
 import shlex
@@ -79,6 +80,8 @@ COMMANDS = {
     "eval.videoqa": Tiny(set={"--checkpoint": "{svqa_ckpt}", "--num_examples": "2", "--frames": "16",
                               "--batch_size": "2", "--plans": "progressive", "--budgets": "0.5",
                               "--greedy_batches": "0", "--json": "{new_file}", "--plot": "{new_png}"}),
+    "eval.findings": Tiny(set={"--analysis": "{analysis_report}", "--videoqa": "{qa_report}",
+                               "--finetuned": "{qa_report}", "--json": "{new_file}", "--markdown": "{new_md}"}),
     "pytest": Tiny(skip="the test suite itself: CI runs it"),
 }
 
@@ -93,7 +96,7 @@ PLACEHOLDERS = {
 # Flags naming files or directories: their README values must be placeholders above (or set by
 # COMMANDS), so a command never reads a path that does not exist or writes into the source tree.
 PATH_FLAGS = ("--checkpoint", "--video", "--image", "--hf", "--out", "--json", "--plot", "--clip_out", "--data_dir",
-              "--workdir")
+              "--workdir", "--analysis", "--videoqa", "--finetuned", "--markdown")
 
 # Shell segments that set up the environment (CI does that) rather than run the project.
 SETUP = re.compile(r"^(python3? -m venv |\. |source |pip |python -m pip )")
@@ -243,13 +246,25 @@ class Fixtures:
         write_test_clip(str(clip), num_frames=12, fps=4)
         svqa = root / "svqa_ckpt"  # a tiny random VLM with the synth tokenizer (single-token letters)
         save_model(NemotronHVLModel(vlm_config(tiny_config().model), rngs=nnx.Rngs(0)), synth_tokenizer(), str(svqa))
-        self.paths = dict(vlm_ckpt=str(vlm), lm_ckpt=str(lm), lm_hf=str(lm), clip=str(clip), svqa_ckpt=str(svqa))
+        # Reports as eval.videoqa and eval.analyze write them (the fields eval.findings reads).
+        row = lambda plan, budget, acc: dict(variant=plan if plan == "full" else f"{plan}@{budget:g}", plan=plan,
+                                             budget=budget, mamba_mode=None if plan == "full" else "decay_free",
+                                             evs=0.0, examples=8, accuracy=acc, achieved_budget=budget,
+                                             prefill_speedup=1.0 if plan == "full" else 2.0)
+        qa, analysis = root / "videoqa.json", root / "analysis.json"
+        qa.write_text(json.dumps(dict(results=[row("full", 1.0, 0.5), row("progressive", 0.25, 0.5),
+                                               row("fastv", 0.25, 0.25)])))
+        analysis.write_text(json.dumps(dict(layers=[dict(layer=0, kind="M", sparsity_mean=0.4),
+                                                    dict(layer=1, kind="*", sparsity_mean=0.7)],
+                                            spearman=[[1.0, 0.3], [0.3, 1.0]], mass=0.9, num_examples=1)))
+        self.paths = dict(vlm_ckpt=str(vlm), lm_ckpt=str(lm), lm_hf=str(lm), clip=str(clip), svqa_ckpt=str(svqa),
+                          qa_report=str(qa), analysis_report=str(analysis))
         self._fresh = itertools.count()
 
     def fill(self, arg: str) -> str:
         n = next(self._fresh)
         return arg.format(**self.paths, new_dir=str(self.root / f"out{n}"), new_file=str(self.root / f"out{n}.json"),
-                          new_png=str(self.root / f"out{n}.png"))
+                          new_png=str(self.root / f"out{n}.png"), new_md=str(self.root / f"out{n}.md"))
 
 
 @pytest.fixture(scope="module")
