@@ -25,6 +25,8 @@ Fields:
   data.distractors: generated training clips show each event that does not answer the
     question with this probability (1.0: all, the real task; 0.0: only the answer events);
     a curriculum raises it stage by stage. Validation always shows every event.
+  data.tasks: generated training clips of these SynthVideoQA tasks only, comma separated, taken
+    in turn ("" = all four); validation keeps all four (its eval_accuracy/<task> rows).
   tokenizer: the built-in tokenizer of a fresh model, "byte" or "synth" (whole words of
     SynthVideoQA prompts; a prompt several times shorter); an `init` checkpoint brings its own.
   reduction.shape: None (no reduction) or a plan of `reduction.plan.NAMED` ("step" is the
@@ -78,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         train="synth", eval="synth", frames="16", frame_size=64, buckets="16", train_examples=20_000,
         eval_examples=64, workers=0, frame_text_tokens=40, text_tokens=384, target="letter",
-        distractors=1.0))
+        distractors=1.0, tasks=""))
     c.reduction = ml_collections.ConfigDict(dict(shape=config_dict.placeholder(str),
                                                  budget=config_dict.placeholder(float)))
     c.remat = config_dict.placeholder(str)

@@ -27,6 +27,7 @@ from flax import nnx
 import hybridvlm
 from configs import finetune_synth
 from hybridvlm import cli
+from hybridvlm.data import synth
 from hybridvlm.hf_import import CheckpointError
 from train import finetune
 from train.metrics import read_metrics
@@ -210,6 +211,8 @@ def test_bad_command_is_one_line(tmp_path, extra, status, message):
     (dict(data=dict(target="word")), cli.UsageError, "--config.data.target"),
     (dict(data=dict(distractors=1.5)), cli.UsageError, "--config.data.distractors"),
     (dict(data=dict(distractors=0.5, train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.distractors"),
+    (dict(data=dict(tasks="color,colour")), cli.UsageError, "--config.data.tasks"),
+    (dict(data=dict(tasks="color", train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.tasks"),
     (dict(model=dict(text=dict(hidden_sise=8))), cli.UsageError, "--config.model"),
     (dict(init="/nonexistent/ckpt"), CheckpointError, "--config.init: /nonexistent/ckpt"),
 ])
@@ -239,9 +242,11 @@ def test_the_shipped_models_config_checks_and_mixes_video_lengths():
     train_src, _ = finetune._sources(cfg, settings)
     assert [len(train_src[i].frames) for i in range(3)] == [16, 32, 16]
     # A curriculum stage blanks distractors in the training clips only.
-    cfg.data.distractors = 0.0
+    cfg.data.distractors, cfg.data.tasks = 0.0, "count,order"
     train_src, val_src = finetune._sources(cfg, finetune.check_config(cfg))
     assert train_src.distractors == 0.0 and val_src.distractors == 1.0
+    assert [train_src[i].task for i in range(3)] == ["count", "order", "count"]
+    assert [val_src[i].task for i in range(4)] == list(synth.TASKS)
 
 
 def test_a_finished_run_ships_as_a_named_model(reference, tmp_path, monkeypatch):

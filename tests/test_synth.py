@@ -386,6 +386,16 @@ def test_source_takes_several_video_lengths_in_turn():
         synth.SynthSource(7, 5, ())
 
 
+def test_source_takes_several_tasks_in_turn():
+    source = synth.SynthSource(7, 6, 16, frame_size=16, task=("order", "color"))
+    assert [source[i].task for i in range(4)] == ["order", "color", "order", "color"]
+    assert source[3].question == synth.generate(7, 3, num_frames=16, size=16, task="color").question
+    with pytest.raises(ValueError, match="task"):
+        synth.SynthSource(7, 6, 16, task=("color", "hue"))
+    with pytest.raises(ValueError, match="at least one task"):
+        synth.SynthSource(7, 6, 16, task=())
+
+
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_distractors_blank_non_answer_events_only(p):
     # Everything but the hidden events' pixels is the full example's: the same events,

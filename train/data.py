@@ -69,22 +69,24 @@ def parse_spec(spec: str, field: str) -> DataSpec:
 
 
 def source(spec: DataSpec, split: str, *, seed: int, num_examples: int, num_frames: int,
-           frame_size: int, distractors: float = 1.0) -> Sequence[VideoQARecord]:
+           frame_size: int, distractors: float = 1.0, tasks: Sequence[str] | None = None) -> Sequence[VideoQARecord]:
     """A random-access sequence of records of `split` ("train" or "validation").
 
     Generated SynthVideoQA has `num_examples` records of the split's seed
     (`synth.split_seed(seed, split)`); a prepared one is the split of the variant
     (num_frames, frame_size, seed) under its directory. A JSONL file or benchmark is read
     whole (its own split; `split` is ignored); questions whose video is missing are left out
-    by the reader. `distractors` < 1 (generated SynthVideoQA only) blanks that share of the
-    events that do not answer the question (`hybridvlm.data.synth`: a curriculum).
+    by the reader. Generated SynthVideoQA only (a curriculum): `distractors` < 1 blanks that
+    share of the events that do not answer the question, `tasks` keeps those tasks (taken in
+    turn; None: all four).
     """
-    if distractors < 1.0 and not (spec.kind == "synth" and spec.path is None):
-        raise DataSpecError(f"distractors={distractors}: only generated SynthVideoQA (\"synth\") can blank "
-                            f"distractor events, not {spec.kind}" + (f":{spec.path}" if spec.path else ""))
+    if (distractors < 1.0 or tasks) and not (spec.kind == "synth" and spec.path is None):
+        raise DataSpecError(f"distractors={distractors}, tasks={tasks}: only generated SynthVideoQA (\"synth\") "
+                            f"can blank distractor events or choose tasks, not {spec.kind}"
+                            + (f":{spec.path}" if spec.path else ""))
     if spec.kind == "synth" and spec.path is None:
         return synth.SynthSource(synth.split_seed(seed, split), num_examples, num_frames, frame_size=frame_size,
-                                 distractors=distractors)
+                                 distractors=distractors, task=tuple(tasks) if tasks else None)
     if spec.kind == "synth":
         return synth_source(spec.path, split, num_frames, size=frame_size, base_seed=seed)
     return read_benchmark(spec.kind, spec.path).records

@@ -46,8 +46,8 @@ from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.config import ConfigError
 from hybridvlm.vlm import VLMConfig
 from hybridvlm.data.pipeline import PipelineConfig, answer_token_ids, eval_pipeline, train_pipeline
-from hybridvlm.data.pipeline_config import TARGETS
-from hybridvlm.data.pipeline_config import PipelineError
+from hybridvlm.data import synth
+from hybridvlm.data.pipeline_config import TARGETS, PipelineError
 from hybridvlm.lm import REMAT_POLICIES
 from hybridvlm.tokenizer import TOKENIZERS, named_tokenizer
 from reduction import plan as rp
@@ -70,7 +70,7 @@ RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every", "ke
                      "distributed", "tensorboard", "compilation_cache", "data.workers")
 # Fields added to the config after runs began, at the value that behaves as before the field
 # existed: a run started earlier resumes with them.
-ADDED_DEFAULTS = {"data.target": "letter", "data.distractors": 1.0}
+ADDED_DEFAULTS = {"data.target": "letter", "data.distractors": 1.0}  # data.tasks: "" (unset) already resumes
 
 
 def define_flags() -> None:
@@ -175,6 +175,11 @@ def check_config(cfg) -> Settings:
     cli_checks.require(cfg.data.distractors == 1.0 or cfg.data.train == "synth", "--config.data.distractors",
                        f"blanking distractor events needs generated SynthVideoQA (--config.data.train=synth, "
                        f"not {cfg.data.train!r})")
+    bad_tasks = [t for t in cfg.data.tasks.split(",") if t and t not in synth.TASKS]
+    cli_checks.require(not bad_tasks, "--config.data.tasks",
+                       f"unknown SynthVideoQA task(s) {', '.join(bad_tasks)}; choose among {', '.join(synth.TASKS)}")
+    cli_checks.require(not cfg.data.tasks or cfg.data.train == "synth", "--config.data.tasks",
+                       f"choosing tasks needs generated SynthVideoQA (--config.data.train=synth, not {cfg.data.train!r})")
     cli_checks.require(cfg.data.target in TARGETS, "--config.data.target",
                        f"unknown target {cfg.data.target!r}; choose one of {', '.join(TARGETS)}")
     cli_checks.require(cfg.tokenizer in TOKENIZERS, "--config.tokenizer",
@@ -262,8 +267,10 @@ def _sources(cfg, settings: Settings):
     d = cfg.data
     frames = settings.frames if len(settings.frames) > 1 else settings.frames[0]
     kw = dict(seed=cfg.seed, num_frames=frames, frame_size=d.frame_size)
-    # The curriculum's blanked distractors are for training only: validation is the real task.
-    train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, distractors=d.distractors, **kw)
+    # The curriculum's blanked distractors and task subset are for training only: validation is the real task.
+    tasks = tuple(t for t in d.tasks.split(",") if t) or None
+    train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, distractors=d.distractors,
+                         tasks=tasks, **kw)
     val = None
     if settings.eval_data is not None:
         val = tdata.source(settings.eval_data, "validation", num_examples=d.eval_examples, **kw)

@@ -337,20 +337,26 @@ class SynthSource:
     """
 
     def __init__(self, seed: int, size: int, num_frames: int | Sequence[int] = DEFAULT_FRAMES, *,
-                 frame_size: int = DEFAULT_SIZE, task: str | None = None, distractors: float = 1.0):
+                 frame_size: int = DEFAULT_SIZE, task: str | Sequence[str] | None = None, distractors: float = 1.0):
         """seed: generator seed; size: number of examples; num_frames: frames per video (16..256),
         or several lengths taken in turn; frame_size: frame side in pixels; task: one task for
-        all, or None (TASKS[i % 4]); distractors: the share of non-answer events shown."""
+        all, several taken in turn (example i gets task[i % len(task)]), or None (TASKS[i % 4]);
+        distractors: the share of non-answer events shown."""
         if size < 0:
             raise ValueError(f"size (number of examples) must be >= 0, got {size}")
         lengths = (num_frames,) if np.ndim(num_frames) == 0 else tuple(num_frames)
         if not lengths:
             raise ValueError("num_frames: give at least one video length")
+        tasks = (task,) if task is None or isinstance(task, str) else tuple(task)
+        if not tasks:
+            raise ValueError("task: give at least one task (or None for all)")
         for n in lengths:
-            check_args(seed, n, frame_size, task, distractors)
+            for t in tasks:
+                check_args(seed, n, frame_size, t, distractors)
         self.seed, self.size = int(seed), int(size)
         self.lengths = tuple(int(n) for n in lengths)
         self.frame_size, self.task, self.distractors = int(frame_size), task, float(distractors)
+        self._tasks = tasks
 
     @property
     def num_frames(self) -> int:
@@ -370,7 +376,8 @@ class SynthSource:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"index {index} out of range for {self.size} examples")
-        return generate(self.seed, i, num_frames=self.frames_of(i), task=self.task, size=self.frame_size,
+        return generate(self.seed, i, num_frames=self.frames_of(i), task=self._tasks[i % len(self._tasks)],
+                        size=self.frame_size,
                         distractors=self.distractors)
 
     def __repr__(self) -> str:
