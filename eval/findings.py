@@ -25,7 +25,9 @@ Accuracy comparisons are per budget, between variants scored on the same questio
 difference counts only beyond two standard errors of a difference of two accuracies
 (`noise`); within it the budget is a tie. A finding of "A beats B" is reproduced when A
 wins at some budget and loses at none, not reproduced when it wins at none, mixed when
-it both wins and loses.
+it both wins and loses. The reports are checked first: a missing file, a file that is not
+JSON, or a report without the variants a finding needs is named in one error line
+(`--debug` for the traceback).
 """
 
 from __future__ import annotations
