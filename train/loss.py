@@ -58,14 +58,20 @@ def survivor_slots(columns, wanted):
     return slots, jnp.take_along_axis(columns, slots, axis=1) == wanted
 
 
-def text_weights(batch, max_text_tokens: int):
-    """(b, k) text-loss columns and weights (`text_labels` != -100 on valid rows), as
-    `answer_weights`; their sum is the text loss's normaliser."""
-    cols, present = answer_columns(batch["text_labels"] != IGNORE, max_text_tokens)
+def _weights(batch, mask, k: int):
+    """(b, k) columns of `mask` (b, L) and their weights: present on valid rows (`batch["valid"]`,
+    all rows when absent)."""
+    cols, present = answer_columns(mask, k)
     valid = batch.get("valid")
     if valid is not None:
         present = present & valid[:, None]
     return cols, present
+
+
+def text_weights(batch, max_text_tokens: int):
+    """(b, k) text-loss columns and weights (`text_labels` != -100 on valid rows), as
+    `answer_weights`; their sum is the text loss's normaliser."""
+    return _weights(batch, batch["text_labels"] != IGNORE, max_text_tokens)
 
 
 def answer_weights(batch, max_answer_tokens: int = 1):
@@ -75,11 +81,7 @@ def answer_weights(batch, max_answer_tokens: int = 1):
     when absent). Their sum is the loss's normaliser, known before the forward pass
     (so micro-batches of one step share it).
     """
-    cols, present = answer_columns(batch["loss_mask"], max_answer_tokens)
-    valid = batch.get("valid")
-    if valid is not None:
-        present = present & valid[:, None]
-    return cols, present
+    return _weights(batch, batch["loss_mask"], max_answer_tokens)
 
 
 def best_choice(logits, batch, answer_ids):
