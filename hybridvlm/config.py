@@ -29,7 +29,9 @@ _HF_BLOCK_NAMES = {
 SSD_IMPLS = ("auto", "chunked", "sequential", "pallas")
 # Matmul precision of the Pallas SSD kernels (hybridvlm.ssd.pallas.layout.PRECISIONS).
 SSD_PRECISIONS = ("default", "highest")
-ATTENTION_IMPLS = ("auto", "blockwise", "naive")
+# "cudnn" / "splash": library kernels for prompts (prefill, training); decoding
+# against a cache uses "auto" (hybridvlm/ops/attention_library.py).
+ATTENTION_IMPLS = ("auto", "blockwise", "naive", "cudnn", "splash")
 # Defaults of the memory fields `LMConfig.ssd_chunk_group` (chunks per group of
 # the chunked SSD) and `LMConfig.seq_block` (tokens per block of a long sequence).
 SSD_CHUNK_GROUP = 32

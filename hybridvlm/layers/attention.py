@@ -18,6 +18,7 @@ from hybridvlm.config import LMConfig
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.rope import apply_rope
 from hybridvlm.ops.attention import attention
+from hybridvlm.ops.attention_library import PROMPT_KERNELS, prompt_attention
 from hybridvlm.ops.blocks import map_blocks
 from hybridvlm.ops.dense import dense
 
@@ -73,12 +74,20 @@ class Attention(nnx.Module):
             slots = jnp.broadcast_to(jnp.arange(cache.size, dtype=jnp.int32), cache.valid.shape)
             keys = (cache.k, cache.v, slots, cache.valid)
 
+        scale = cfg.head_dim ** -0.5
+        if not layout.decode and cfg.attention_impl in PROMPT_KERNELS:
+            # A prompt's tokens are in position order, which the library kernels'
+            # causal masks need; they bound memory themselves, so no query blocks.
+            out = prompt_attention(self.project_q(x, layout.rope_pos), k, v, valid=layout.valid, scale=scale,
+                                   impl=cfg.attention_impl)
+            return dense("btnh,nhd->btd", out, self.o[...]), cache
+        impl = "auto" if cfg.attention_impl in PROMPT_KERNELS else cfg.attention_impl
+
         def attend(_, xb, q_pos_b, rope_b):
             """One block of queries: (b, i, d) -> (b, i, d)."""
             k_, v_, k_pos, k_valid = keys
             out = attention(self.project_q(xb, rope_b), k_, v_, q_pos=q_pos_b, k_pos=k_pos, k_valid=k_valid,
-                            scale=cfg.head_dim ** -0.5, impl=cfg.attention_impl,
-                            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+                            scale=scale, impl=impl, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
             return None, dense("btnh,nhd->btd", out, self.o[...])
 
         y, _ = map_blocks(attend, x, q_pos, layout.rope_pos, block=cfg.seq_block)

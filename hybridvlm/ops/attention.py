@@ -9,7 +9,9 @@ preallocated cache and (later) pruned sequences alike:
 fastest for short sequences. `attention_blockwise` (hybridvlm/ops/
 attention_blockwise.py) never does, forward or backward (a custom VJP that
 recomputes block probabilities from the saved logsumexp), so memory grows
-linearly with sequence length.
+linearly with sequence length. Library kernels for prompts (cuDNN, Pallas
+splash) live in hybridvlm/ops/attention_library.py; the attention layer
+calls them for prompts only, since they express the mask by index.
 
 The two differ only on query rows that see no key (padding): the naive path
 averages all values there (like the reference's min-dtype mask), the
