@@ -21,6 +21,7 @@ from flax import nnx
 from hybridvlm.config import ConfigError
 from hybridvlm.layers.init import const_param, normal_param, param, zeros_param
 from hybridvlm.ops.attention import attention_naive
+from hybridvlm.remat import remat_call
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -224,13 +225,15 @@ class RadioVisionModel(nnx.Module):
         pos = resize_bilinear(table, side)[:rows, :cols]
         return rearrange(pos, "y x d -> (y x) d").astype(self.dtype)
 
-    def __call__(self, pixels):
+    def __call__(self, pixels, *, remat=None):
         """Encodes images or video tubelets.
 
         Args:
           pixels: (b, c, H, W) with c = num_channels (images) or
             c = video_temporal_patch_size * num_channels (tubelets, frames
             stacked along channels); H, W multiples of patch_size.
+          remat: None or a `jax.checkpoint` policy (`hybridvlm.remat.remat_policy`),
+            applied to each block.
         Returns:
           dict(summary=(b, len(summary_idxs) * d), features=(b, rows * cols, d),
                last_hidden_state=(b, prefix + rows * cols, d)).
@@ -262,6 +265,6 @@ class RadioVisionModel(nnx.Module):
         prefix = jnp.broadcast_to(self.cls_register_token[...], (b,) + self.cls_register_token.shape)
         h = jnp.concatenate([prefix.astype(h.dtype), h], axis=1)
         for block in self.blocks:
-            h = block(h)
+            h = block(h) if remat is None else remat_call(block, remat, h)
         summary = rearrange(h[:, jnp.asarray(cfg.summary_idxs)], "b s d -> b (s d)")
         return dict(summary=summary, features=h[:, cfg.num_prefix_tokens:], last_hidden_state=h)

@@ -23,7 +23,8 @@ from hybridvlm.config import ConfigError, LMConfig
 from hybridvlm.generate import generate
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.norm import RMSNorm
-from hybridvlm.lm import NemotronHForCausalLM, remat_call, remat_policy
+from hybridvlm.lm import NemotronHForCausalLM
+from hybridvlm.remat import remat_policy
 from hybridvlm.radio import LayerNorm, RadioConfig, RadioVisionModel
 from reduction.evs import evs_keep_count, evs_retention_mask
 from reduction.prune import compaction_order
@@ -117,17 +118,6 @@ class VLMConfig:
         )
 
 
-class _TowerFeatures(nnx.Module):
-    """The vision tower's patch features alone (a module, for `remat_call`)."""
-
-    def __init__(self, tower: RadioVisionModel):
-        self.tower = tower
-
-    def __call__(self, x):
-        """x: (n, c, H, W) -> (n, rows * cols, d_vit)."""
-        return self.tower(x)["features"]
-
-
 def pixel_shuffle(features, merge: int):
     """(n, rows, cols, c) -> (n, rows / m, cols / m, m * m * c).
 
@@ -174,15 +164,12 @@ class NemotronHVLModel(nnx.Module):
 
         pixel_values_videos: (videos, tubelets, temporal_patch * 3, H, W),
         already normalised. Returns (videos * tubelets, rows * cols, d_vit).
-        remat: None or a `hybridvlm.lm.REMAT_POLICIES` name: the tower runs
-        under one `jax.checkpoint` (same values; its intermediates are
-        recomputed in the backward pass).
+        remat: None or a `hybridvlm.remat.REMAT_POLICIES` name: each tower
+        block runs under its own `jax.checkpoint` (same values; the backward
+        pass recomputes one block's intermediates at a time).
         """
         x = rearrange(pixel_values_videos, "v t c h w -> (v t) c h w")
-        policy = remat_policy(remat)
-        if policy is None:
-            return self.vision(x)["features"]
-        return remat_call(_TowerFeatures(self.vision), policy, x)
+        return self.vision(x, remat=remat_policy(remat))["features"]
 
     def video_embeddings(self, pixel_values_videos, *, remat=None):
         """(videos, tubelets, 2*3, H, W) -> (videos * tubelets * tokens, d_lm); remat as `video_features`."""
@@ -390,7 +377,7 @@ class NemotronHVLModel(nnx.Module):
         equals `__call__`.
 
         Args: as `__call__`, plus
-          remat: None or a `hybridvlm.lm.REMAT_POLICIES` name: each LM layer
+          remat: None or a `hybridvlm.remat.REMAT_POLICIES` name: each LM layer
             (and the vision tower) is rematerialised in the backward pass.
         Returns:
           h (b, t', d) in the model's dtype, and columns (b, t') int32: the

@@ -62,7 +62,7 @@ from eval.inputs import tiny_vlm_config
 from hybridvlm import atomic, cli, cli_checks
 from hybridvlm.config import ConfigError, LMConfig
 from hybridvlm.data.pipeline_config import LENGTH_MULTIPLE
-from hybridvlm.lm import REMAT_POLICIES
+from hybridvlm.remat import REMAT_POLICIES
 from hybridvlm.radio import RadioConfig
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
 from reduction.plan import SHAPES, progressive
@@ -91,7 +91,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", None, "Global batch rows (default: one per data-parallel shard, data x fsdp).")
     flags.DEFINE_float("budget", 0.25, "Visual-token budget of the plan (0: no reduction).")
     flags.DEFINE_enum("shape", "step", SHAPES, "Progressive plan shape (step: the paper's).")
-    flags.DEFINE_enum("remat", "full", REMAT_POLICIES, "Remat policy per LM layer and around the vision tower.")
+    flags.DEFINE_enum("remat", "full", REMAT_POLICIES, "Remat policy per LM layer and per vision tower block.")
     flags.DEFINE_list("freeze", [], f"Frozen parts (no gradients, no optimizer state), among {', '.join(PARTS)}.")
     flags.DEFINE_integer("accumulate", 1, "Micro-batches per step (gradient accumulation).")
     flags.DEFINE_integer("image_size", None, "Frame side in pixels (default: the model's).")

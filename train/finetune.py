@@ -48,7 +48,7 @@ from hybridvlm.vlm import VLMConfig
 from hybridvlm.data.pipeline import PipelineConfig, answer_token_ids, eval_pipeline, train_pipeline
 from hybridvlm.data import synth
 from hybridvlm.data.pipeline_config import TARGETS, PipelineError
-from hybridvlm.lm import REMAT_POLICIES
+from hybridvlm.remat import REMAT_POLICIES
 from hybridvlm.tokenizer import TOKENIZERS, named_tokenizer
 from reduction import plan as rp
 from train import data as tdata

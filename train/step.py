@@ -27,7 +27,7 @@ accumulated gradients and to the updated parameters.
   temporal_patch) to a static ReductionPlan (or None: no reduction); one compile per
   bucket. Gradients flow through the kept tokens only; selection scores are under
   `stop_gradient` (`hybridvlm.lm.NemotronHForCausalLM._stage_order`).
-- Remat: `remat_policy` names a `hybridvlm.lm.REMAT_POLICIES` entry, applied per LM layer
+- Remat: `remat_policy` names a `hybridvlm.remat.REMAT_POLICIES` entry, applied per LM layer
   and around the vision tower.
 """
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from hybridvlm.lm import remat_policy as _check_remat
+from hybridvlm.remat import remat_policy as _check_remat
 from train.loss import answer_loss, answer_weights, text_weights
 from train.optim import FROZEN, OptimConfig, freeze_labels
 
@@ -143,7 +143,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
         a callable frames -> ReductionPlan | None; frames = the batch's tubelets times
         the model's temporal patch (the pipeline's frame bucket).
       compute_dtype: dtype of the forward/backward (the parameters are cast to it).
-      remat_policy: None or a `hybridvlm.lm.REMAT_POLICIES` name.
+      remat_policy: None or a `hybridvlm.remat.REMAT_POLICIES` name.
       constrain: optional tree -> tree hook (sharding constraints) applied to the
         accumulated gradients and to the updated parameters.
       max_answer_tokens: static answer tokens per row (`train.loss.answer_columns`).
