@@ -37,7 +37,7 @@ Fields:
     options, instruction; up to data.text_tokens per row), 0 = answer only. Its words name
     what the video holds, so it gives many grounded targets per clip where the answer gives
     one (a curriculum aid; reported as text_loss, apart from loss).
-  remat: None or a `hybridvlm.remat.REMAT_POLICIES` name (per LM layer and vision tower).
+  remat: None or a `hybridvlm.remat.REMAT_POLICIES` name (per LM layer and per vision tower block).
   mesh.data / mesh.fsdp / mesh.tensor: device mesh axis sizes, one may be -1 (the rest).
   compilation_cache: a directory for JAX's persistent compilation cache (None: off).
   distributed: None (initialise `jax.distributed` when the environment describes a

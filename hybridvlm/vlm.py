@@ -24,8 +24,8 @@ from hybridvlm.generate import generate
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.norm import RMSNorm
 from hybridvlm.lm import NemotronHForCausalLM
-from hybridvlm.remat import remat_policy
 from hybridvlm.radio import LayerNorm, RadioConfig, RadioVisionModel
+from hybridvlm.remat import remat_policy
 from reduction.evs import evs_keep_count, evs_retention_mask
 from reduction.prune import compaction_order
 
