@@ -84,12 +84,17 @@ class Layout:
     rope_pos: (b, t) int32 position for RoPE (padding does not count).
     decode: static; True when these tokens follow a cache (attend to it),
       False for a prompt (attend among these tokens only).
+    sequence_axis: static; None, or (mesh axis name, size) when this is one
+      shard of a prompt split along that axis inside `jax.shard_map`
+      (`hybridvlm.context`): index and rope_pos are then global, and the
+      Mamba and attention layers exchange state and keys across shards.
     """
 
     index: jax.Array
     valid: jax.Array
     rope_pos: jax.Array
     decode: bool = struct.field(pytree_node=False, default=False)
+    sequence_axis: tuple[str, int] | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def prompt(cls, attention_mask) -> "Layout":
@@ -104,4 +109,4 @@ class Layout:
         """The tokens at `order` (b, t') of each row, in that order."""
         pick = lambda a: jnp.take_along_axis(a, order, axis=1)
         return Layout(index=pick(self.index), valid=pick(self.valid), rope_pos=pick(self.rope_pos),
-                      decode=self.decode)
+                      decode=self.decode, sequence_axis=self.sequence_axis)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from hybridvlm.cache import Cache, KVCache, Layout
 from hybridvlm.config import ATTENTION, MAMBA, MLP, LMConfig
+from hybridvlm.context.reduce import sharded_stage
 from hybridvlm.generate import generate
 from hybridvlm.layers.attention import Attention
 from hybridvlm.layers.init import normal_param
@@ -121,7 +122,11 @@ class NemotronHForCausalLM(nnx.Module):
             raise ValueError("remat= applies to cache-less (training) passes only; got caches as well")
         new = []
         for i, layer in enumerate(self.layers):
-            if i in stages:  # even keep-all stages run, so the path is exercised
+            if i in stages and layout.sequence_axis is not None:
+                # A sequence shard: global top-k over all shards, then equal blocks again.
+                h, layout, visual = sharded_stage(self, i, h, layout, visual, reduction, num_visual, stages[i])
+                num_visual = stages[i]
+            elif i in stages:  # even keep-all stages run, so the path is exercised
                 order = self._stage_order(i, h, layout, visual, reduction, num_visual, stages[i])
                 h = jnp.take_along_axis(h, order[..., None], axis=1)
                 layout, visual = layout.take(order), jnp.take_along_axis(visual, order, axis=1)
@@ -170,20 +175,37 @@ class NemotronHForCausalLM(nnx.Module):
         the query rows; Mamba layers: the implicit-attention proxy C_q . B_j.
         Masked visual slots (layout.valid False) get no score.
         """
-        j = self.scoring_layer(i)
-        layer = self.layers[j]
+        return self.scores_from_features(i, self.scoring_features(i, h, layout), layout, visual, score_cfg)
+
+    def scoring_features(self, i: int, h, layout: Layout) -> dict:
+        """The per-token projections that score the visual tokens entering layer i:
+        {"q", "k"} (b, t, heads, head_dim) of an attention scoring layer, or
+        {"C", "B"} (b, t, g, n) and "dt" (b, t, h) of a Mamba one (all token-wise,
+        so a sequence shard computes its own and `hybridvlm.context` gathers them)."""
+        layer = self.layers[self.scoring_layer(i)]
         x = layer.norm(h)
+        if layer.kind == ATTENTION:
+            q, k = layer.mixer.project_qk(x, layout)
+            return dict(q=q, k=k)
+        halo = layout.sequence_axis
+        p = layer.mixer.project_scoring(x, layout, halo=halo)
+        return dict(C=p["C"], B=p["B"], dt=p["dt"])
+
+    def scores_from_features(self, i: int, feats: dict, layout: Layout, visual, score_cfg):
+        """`visual_scores` from `scoring_features` of the whole sequence (b, t); an
+        attention layer's "q" may hold only the last rows (at least the query window)."""
+        layer = self.layers[self.scoring_layer(i)]
         visual = visual & layout.valid  # masked slots are never scored
         last_visual = jnp.max(jnp.where(visual, layout.index, -1), axis=1, keepdims=True)
         query = layout.valid & (layout.index > last_visual)
         # Query rows are read from a static window at the end of the sequence.
-        num_query = min(score_cfg.max_query, h.shape[1])
+        num_query = min(score_cfg.max_query, layout.valid.shape[1])
         if layer.kind == ATTENTION:
-            q, k = layer.mixer.project_qk(x, layout)
-            return rs.attention_scores(q, k, num_query=num_query, query_mask=query, visual_mask=visual,
-                                       key_valid=layout.valid, scale=self.config.head_dim ** -0.5, cfg=score_cfg)
-        p = layer.mixer.project_scoring(x, layout)
-        return rs.mamba_scores(p["C"], p["B"], p["dt"], p["A"], num_query=num_query, query_mask=query,
+            return rs.attention_scores(feats["q"], feats["k"], num_query=num_query, query_mask=query,
+                                       visual_mask=visual, key_valid=layout.valid,
+                                       scale=self.config.head_dim ** -0.5, cfg=score_cfg)
+        A = -jnp.exp(layer.mixer.A_log[...].astype(jnp.float32))
+        return rs.mamba_scores(feats["C"], feats["B"], feats["dt"], A, num_query=num_query, query_mask=query,
                                visual_mask=visual, key_valid=layout.valid, cfg=score_cfg)
 
     def layerwise_visual_scores(self, h, layout: Layout, visual, score_cfg, *, num_visual: int):

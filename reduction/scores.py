@@ -148,7 +148,8 @@ def attention_scores(q, k, *, num_query, visual_mask, scale, query_mask=None, ke
     """Attention from the query rows to the visual keys.
 
     Args:
-      q: (b, t, n, d) queries of the attention layer (after any projection).
+      q: (b, t_q, n, d) queries of the attention layer (after any projection)
+        at the sequence's last t_q >= num_query positions (t_q = t: all of them).
       k: (b, t, kv, d) keys, kv dividing n (GQA: query head i uses kv head
         i // (n // kv), the layout of `hybridvlm.ops.attention`).
       num_query: static; the last num_query positions are the query rows.
@@ -162,14 +163,16 @@ def attention_scores(q, k, *, num_query, visual_mask, scale, query_mask=None, ke
     Returns:
       (b, t) float32 scores, 0 at non-visual / invalid positions.
     """
-    b, t, n, _ = q.shape
-    kv = k.shape[2]
+    b, t, kv, _ = k.shape
+    n = q.shape[2]
+    if not 1 <= num_query <= q.shape[1]:
+        raise ValueError(f"num_query={num_query} must be in [1, {q.shape[1]}] (the query rows given)")
     qmask = _query_rows_mask(query_mask, b, t, num_query)
     if key_valid is None:
         key_valid = jnp.ones((b, t), bool)
     visual = visual_mask.astype(bool) & key_valid.astype(bool)
 
-    qg = rearrange(q[:, t - num_query:], "b q (k r) d -> b k r q d", k=kv)
+    qg = rearrange(q[:, q.shape[1] - num_query:], "b q (k r) d -> b k r q d", k=kv)
     q_pos = jnp.arange(t - num_query, t)
     (kb, validb, visb, posb), block_k = _key_blocks(
         block_k, t, [k, key_valid, visual, jnp.broadcast_to(jnp.arange(t), (b, t))])

@@ -15,6 +15,7 @@ from flax import nnx
 
 from hybridvlm.cache import KVCache, Layout
 from hybridvlm.config import LMConfig
+from hybridvlm.context.ring_attention import ring_attention
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.rope import apply_rope
 from hybridvlm.ops.attention import attention
@@ -75,6 +76,13 @@ class Attention(nnx.Module):
             keys = (cache.k, cache.v, slots, cache.valid)
 
         scale = cfg.head_dim ** -0.5
+        if layout.sequence_axis is not None and not layout.decode:
+            # One shard of a prompt split along a mesh axis: keys and values go round the ring.
+            axis, size = layout.sequence_axis
+            out = ring_attention(self.project_q(x, layout.rope_pos), k, v, q_pos=layout.index, k_pos=layout.index,
+                                 k_valid=layout.valid, scale=scale, axis_name=axis, axis_size=size,
+                                 block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+            return dense("btnh,nhd->btd", out, self.o[...]), cache
         if not layout.decode and cfg.attention_impl in PROMPT_KERNELS:
             # A prompt's tokens are in position order, which the library kernels'
             # causal masks need; they bound memory themselves, so no query blocks.

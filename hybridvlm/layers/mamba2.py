@@ -34,6 +34,7 @@ from flax import nnx
 
 from hybridvlm.cache import Layout, MambaState
 from hybridvlm.config import LMConfig
+from hybridvlm.context.mamba import conv_halo, sharded_ssd_tail
 from hybridvlm.layers.init import INIT_STD, const_param, normal_param, param, zeros_param
 from hybridvlm.layers.norm import GatedRMSNorm
 from hybridvlm.ops.blocks import block_plan, map_blocks
@@ -188,7 +189,7 @@ class Mamba2Mixer(nnx.Module):
         lo, hi = self.cfg.time_step_limit
         return jnp.clip(jax.nn.softplus(raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)), lo, hi)
 
-    def project(self, x, layout: Layout, conv_prefix=None, end=None):
+    def project(self, x, layout: Layout, conv_prefix=None, end=None, halo=None):
         """The input projections, causal conv and the SSM parameters for x's tokens.
 
         Args:
@@ -198,6 +199,9 @@ class Mamba2Mixer(nnx.Module):
           end: None, or a traced count of real positions in x: the positions
             after it are padding of the last sequence block, kept out of the
             state (dt = 0 there; the conv state is the inputs before `end`).
+          halo: None, or (axis name, size): x is one shard of a sequence split
+            along that mesh axis, and each part's conv prefix is the previous
+            shard's last inputs (`hybridvlm.context.mamba.conv_halo`).
         Returns:
           dict(z (b, t, h * p), x (b, t, h, p), B, C (b, t, g, n),
                dt (b, t, h) float32 after softplus and clamp, A (h,) float32,
@@ -210,7 +214,9 @@ class Mamba2Mixer(nnx.Module):
         prefixes = split_conv(prefix, cfg)
         conv, states = {}, {}
         for part in CONV_PARTS:
-            conv[part], states[part] = self._conv(part, self._project_in(part, xm), prefixes[part], keep, end)
+            u = self._project_in(part, xm)
+            prefix_part = prefixes[part] if halo is None else conv_halo(u, cfg.conv_kernel, *halo)
+            conv[part], states[part] = self._conv(part, u, prefix_part, keep, end)
         dt = self._dt(self._project_in("dt", xm))
         if end is not None:
             dt = jnp.where((jnp.arange(x.shape[1]) < end)[:, None], dt, 0.0)
@@ -224,20 +230,23 @@ class Mamba2Mixer(nnx.Module):
             conv_state=fuse_conv(states),
         )
 
-    def project_scoring(self, x, layout: Layout):
+    def project_scoring(self, x, layout: Layout, halo=None):
         """B, C (b, t, g, n) and dt (b, t, h) only, for token scoring.
 
         Equal to `project(...)`'s values (the conv is depthwise, so B and C
         need only their own channels) at a fraction of the cost: the z and x
         projections, most of the input projection's width, are skipped.
+        halo: as `project` (x is one shard of a sequence split along a mesh axis).
         """
         cfg = self.cfg
         keep = layout.valid
         xm = jnp.where(keep[..., None], x, 0).astype(x.dtype)
         out = {}
         for part in GROUPED:
-            prefix = jnp.zeros((x.shape[0], cfg.conv_kernel - 1, cfg.n_groups, cfg.ssm_state_size), x.dtype)
-            out[part], _ = self._conv(part, self._project_in(part, xm), prefix, keep)
+            u = self._project_in(part, xm)
+            prefix = (jnp.zeros((x.shape[0], cfg.conv_kernel - 1, cfg.n_groups, cfg.ssm_state_size), x.dtype)
+                      if halo is None else conv_halo(u, cfg.conv_kernel, *halo))
+            out[part], _ = self._conv(part, u, prefix, keep)
         return dict(
             B=out["B"],
             C=out["C"],
@@ -258,6 +267,8 @@ class Mamba2Mixer(nnx.Module):
         """
         cfg = self.cfg
         b, t = x.shape[:2]
+        if layout.sequence_axis is not None:
+            return self._run_sharded(x, layout, state)
         if block_plan(t, cfg.seq_block, cfg.chunk_size)[0] == 1:
             return self._run(x, layout, state)
         # Blocks cut at chunk boundaries and carry the state from the first;
@@ -285,6 +296,24 @@ class Mamba2Mixer(nnx.Module):
         else:
             y, ssm = ssd(xs, dt, A, B, C, chunk_size=cfg.chunk_size, initial_state=ssm0, impl=cfg.ssd_impl,
                          chunk_group=cfg.ssd_chunk_group, precision=cfg.ssd_precision)
+        return self._finish(x, xs, y, ssm, p_, state)
+
+    def _run_sharded(self, x, layout: Layout, state: MambaState | None):
+        """`__call__` on one shard of a prompt split along `layout.sequence_axis`
+        (inside `jax.shard_map`; see `hybridvlm.context.mamba`). The prompt starts
+        the sequence (a given `state` is a fresh zero state); the returned state is
+        this shard's end of the sequence (the last shard's is the prompt's)."""
+        cfg = self.cfg
+        axis, size = layout.sequence_axis
+        p_ = self.project(x, layout, halo=(axis, size))
+        xs, B, C, dt, A = p_["x"], p_["B"], p_["C"], p_["dt"], p_["A"]
+        y, local = ssd(xs, dt, A, B, C, chunk_size=cfg.chunk_size, impl=cfg.ssd_impl,
+                       chunk_group=cfg.ssd_chunk_group, precision=cfg.ssd_precision)
+        y, ssm = sharded_ssd_tail(y, local, C, dt, A, axis)
+        return self._finish(x, xs, y, ssm, p_, state)
+
+    def _finish(self, x, xs, y, ssm, p_, state):
+        """D skip, gated norm and output projection of SSD outputs y (b, t, h, p)."""
         y = y + xs.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
         y = rearrange(y, "b t h p -> b t (h p)")
         y = self.norm(y, p_["z"])

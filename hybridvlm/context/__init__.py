@@ -1,0 +1,1 @@
+"""Context parallelism: the prompt split along a "sequence" mesh axis."""
