@@ -105,7 +105,6 @@ def sharded_stage(lm, i: int, h, layout: Layout, visual, plan, num_visual: int, 
                            key=key)  # (b, P t'), the same on every shard
     me = jax.lax.axis_index(axis)
     dest = jax.lax.dynamic_slice_in_dim(order, me * t_new, t_new, axis=1)
-    new_layout = g_layout.take(dest)
-    new_layout = Layout(index=new_layout.index, valid=new_layout.valid, rope_pos=new_layout.rope_pos,
-                        decode=layout.decode, sequence_axis=layout.sequence_axis)
+    # The gathered layout is the whole sequence's; the shard's block of it is a shard again.
+    new_layout = g_layout.take(dest).replace(decode=layout.decode, sequence_axis=layout.sequence_axis)
     return rebalance(h, dest, axis, shards), new_layout, jnp.take_along_axis(g_visual, dest, axis=1)
