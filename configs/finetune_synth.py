@@ -27,6 +27,11 @@ Fields:
     a curriculum raises it stage by stage. Validation always shows every event.
   data.tasks: generated training clips of these SynthVideoQA tasks only, comma separated, taken
     in turn ("" = all four); validation keeps all four (its eval_accuracy/<task> rows).
+  data.turns: generated training clips put up to this many extra question-answer turns from
+    the clip's ground truth before the question ("What color is the ring? red", one per line;
+    `hybridvlm.data.synth.qa_turns`), as a multi-turn conversation about one image does in
+    instruction tuning: with text_loss they add that many supervised lookups per clip
+    (0 = none). Validation has none.
   tokenizer: the built-in tokenizer of a fresh model, "byte" or "synth" (whole words of
     SynthVideoQA prompts; a prompt several times shorter); an `init` checkpoint brings its own.
   reduction.shape: None (no reduction) or a plan of `reduction.plan.NAMED` ("step" is the
@@ -38,7 +43,10 @@ Fields:
     what the video holds, so it gives many grounded targets per clip where the answer gives
     one (a curriculum aid; reported as text_loss, apart from loss).
   remat: None or a `hybridvlm.remat.REMAT_POLICIES` name (per LM layer and per vision tower block).
-  mesh.data / mesh.fsdp / mesh.tensor: device mesh axis sizes, one may be -1 (the rest).
+  mesh.data / mesh.fsdp / mesh.sequence / mesh.tensor: device mesh axis sizes, one may be -1
+    (the rest). sequence > 1 splits each prompt along the sequence for the LM's layers
+    (context parallelism, `hybridvlm.context`): every bucket's row must divide into that
+    many blocks, and a plan's stages keep up to sequence - 1 more tokens (`shard_plan`).
   compilation_cache: a directory for JAX's persistent compilation cache (None: off).
   distributed: None (initialise `jax.distributed` when the environment describes a
     multi-process job), True or False.
@@ -73,14 +81,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 100
     c.checkpoint_every = 50
     c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.1, weight_decay=0.05, b1=0.9, b2=0.95,
         clip_norm=1.0, accumulate=1, freeze=""))
     c.data = ml_collections.ConfigDict(dict(
         train="synth", eval="synth", frames="16", frame_size=64, buckets="16", train_examples=20_000,
         eval_examples=64, workers=0, frame_text_tokens=40, text_tokens=384, target="letter",
-        distractors=1.0, tasks=""))
+        distractors=1.0, tasks="", turns=0))
     c.reduction = ml_collections.ConfigDict(dict(shape=config_dict.placeholder(str),
                                                  budget=config_dict.placeholder(float)))
     c.remat = config_dict.placeholder(str)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from hybridvlm.cache import Layout
 from hybridvlm.config import ConfigError, LMConfig
+from hybridvlm.context.prefill import SequenceParallel, context_parallel_hidden
 from hybridvlm.generate import generate
 from hybridvlm.layers.init import normal_param
 from hybridvlm.layers.norm import RMSNorm
@@ -368,7 +369,7 @@ class NemotronHVLModel(nnx.Module):
                                    visual_mask=self.visual_mask(ids, reduction))
 
     def hidden_states(self, input_ids, *, pixel_values_videos=None, pixel_values=None, attention_mask=None,
-                      reduction=None, remat=None):
+                      reduction=None, remat=None, sequence: SequenceParallel | None = None):
         """Final hidden states (before the final norm) and where each one sits.
 
         The training loss reads a few positions' logits from these
@@ -379,6 +380,10 @@ class NemotronHVLModel(nnx.Module):
         Args: as `__call__`, plus
           remat: None or a `hybridvlm.remat.REMAT_POLICIES` name: each LM layer
             (and the vision tower) is rematerialised in the backward pass.
+          sequence: None, or a `SequenceParallel`: the LM's layers run split along its
+            mesh axis (`hybridvlm.context`; the tower and projector before the split, as
+            ever; the prompt's length and the plan's dropped counts must divide by the
+            axis size, see `hybridvlm.context.shard_plan`). Same results.
         Returns:
           h (b, t', d) in the model's dtype, and columns (b, t') int32: the
           column in `input_ids` of each surviving token (ascending per row;
@@ -389,10 +394,14 @@ class NemotronHVLModel(nnx.Module):
                           pixel_values=pixel_values)
         ids, mask, h, columns = self._prepare(input_ids, attention_mask, pixel_values_videos, pixel_values, remat)
         lm = self.language_model
-        lm.check_inputs(ids, mask, reduction=reduction, visual_mask=self.visual_mask(ids, reduction),
-                        inputs_embeds=h)
-        h, _, layout = lm.run_layers_with_layout(h, Layout.prompt(mask), reduction=reduction,
-                                                 visual=self.visual_mask(ids, reduction), remat=remat)
+        visual = self.visual_mask(ids, reduction)
+        if sequence is not None:
+            h, index = context_parallel_hidden(lm, h, mask, mesh=sequence.mesh, axis=sequence.axis, remat=remat,
+                                               reduction=reduction, visual_mask=visual)
+            return h, jnp.take_along_axis(columns, index, axis=1)
+        lm.check_inputs(ids, mask, reduction=reduction, visual_mask=visual, inputs_embeds=h)
+        h, _, layout = lm.run_layers_with_layout(h, Layout.prompt(mask), reduction=reduction, visual=visual,
+                                                 remat=remat)
         return h, jnp.take_along_axis(columns, layout.index, axis=1)
 
     def visual_mask(self, input_ids, reduction):

@@ -41,7 +41,7 @@ CONFIG_FILE = textwrap.dedent(f"""
         c.model = {MODEL!r}
         return c
 """)
-MESH = dict(data=1, fsdp=4, tensor=2)
+MESH = dict(data=1, fsdp=4, sequence=1, tensor=2)
 SMALL = ["--devices", "8", "--mesh.fsdp=4", "--mesh.tensor=2", "--frames", "4", "--text_tokens", "16",
          "--frame_text_tokens", "4"]
 
@@ -85,7 +85,7 @@ def test_small_model_on_8_devices_prints_the_table_and_writes_exact_parameter_by
     proc = run_aot(["--model", str(model_file), *SMALL, "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = proc.stdout
-    for line in ("mesh data 1 x fsdp 4 x tensor 2 = 8 fake CPU devices", "batch 4 rows x 64 tokens",
+    for line in ("mesh data 1 x fsdp 4 x sequence 1 x tensor 2 = 8 fake CPU devices", "batch 4 rows x 64 tokens",
                  "plan: progressive-step at budget 0.250", "parameters (f32 masters)", "optimizer state (AdamW)",
                  "temporaries", "outputs", "vs 75 GiB usable of 80: fits"):
         assert line in text, text
@@ -105,13 +105,29 @@ def test_small_model_on_8_devices_prints_the_table_and_writes_exact_parameter_by
 
 
 @pytest.mark.parametrize("mesh,message", [
-    (["--mesh.fsdp=3", "--mesh.tensor=2"], "--mesh.data=1 x mesh.fsdp=3 x mesh.tensor=2 = 6 devices, but there "
-                                          "are 8"),
+    (["--mesh.fsdp=3", "--mesh.tensor=2"], "--mesh.data=1 x mesh.fsdp=3 x mesh.sequence=1 x mesh.tensor=2 = 6 "
+                                          "devices, but there are 8"),
     (["--mesh.fsdp=-1", "--mesh.tensor=3"], "--mesh.fsdp=-1: 8 devices are not a multiple of mesh.data=1, "
-                                           "mesh.tensor=3"),
+                                           "mesh.sequence=1, mesh.tensor=3"),
+    # A 64-token multiple of a row does not split into 3 sequence shards.
+    (["--devices", "6", "--mesh.fsdp=1", "--mesh.sequence=3", "--mesh.tensor=2", "--frames", "4", "--text_tokens",
+      "16", "--frame_text_tokens", "4"], "--mesh.sequence: a "),
 ])
 def test_a_mesh_that_does_not_match_the_devices_is_a_one_line_usage_error(mesh, message, tmp_path):
-    proc = run_aot(["--model", "tiny", "--devices", "8", *mesh], tmp_path)
+    proc = run_aot(["--model", "tiny", "--devices", "8", *mesh] if "--devices" not in mesh else
+                   ["--model", "tiny", *mesh], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_sequence_split_step_compiles_and_names_its_mesh(tmp_path):
+    # fsdp 2 x sequence 2 x tensor 2: the LM's forward and backward inside the context-parallel shard_map.
+    model_file = tmp_path / "small_vlm.py"
+    model_file.write_text(CONFIG_FILE)
+    args = ["--model", str(model_file), "--devices", "8", "--mesh.fsdp=2", "--mesh.sequence=2", "--mesh.tensor=2",
+            "--frames", "4", "--text_tokens", "16", "--frame_text_tokens", "4"]
+    proc = run_aot(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "mesh data 1 x fsdp 2 x sequence 2 x tensor 2 = 8 fake CPU devices" in proc.stdout, proc.stdout
+    assert "fits" in proc.stdout

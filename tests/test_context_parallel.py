@@ -29,7 +29,7 @@ TINY = dict(vocab_size=64, hidden_size=32, pattern="M*-M*-", num_attention_heads
             chunk_size=8)
 
 SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import AxisType
@@ -51,7 +51,8 @@ mask = jnp.ones((b, t), bool).at[1, :13].set(False)
 visual = jnp.zeros((b, t), bool).at[:, 16:56].set(True)  # 40 visual slots, 8 text tokens after them
 h0 = lm.embed_tokens(ids)
 cot = jax.random.normal(jax.random.key(2), (b, t, cfg.hidden_size))
-MESHES = {"sequence8": ((8,), ("sequence",)), "sequence4xtensor2": ((4, 2), ("sequence", "tensor"))}
+MESHES = {"sequence8": ((8,), ("sequence",)), "sequence4xtensor2": ((4, 2), ("sequence", "tensor")),
+          "sequence2": ((2,), ("sequence",))}
 # The paper's progressive plan (Mamba and attention scoring layers, decayed Mamba scores)
 # and FastV, rounded so that every stage drops a multiple of 8 tokens.
 PLANS = {"none": None,
@@ -91,9 +92,14 @@ def hidden_loss(run):
         return jnp.sum(hh * w)
     return loss
 
-graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
+base = lm
 results = {}
-for mesh_name, plan_name, grads, prefill in json.loads(sys.argv[2]):
+for mesh_name, plan_name, grads, prefill, seq_block in json.loads(sys.argv[2]):
+    # seq_block > 0: the same weights with layers run in blocks of that many tokens (a
+    # shard's Mamba layers then take their two-pass blocked path).
+    lm = base if not seq_block else NemotronHForCausalLM(dataclasses.replace(cfg, seq_block=seq_block),
+                                                         rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
     shape, names = MESHES[mesh_name]
     plan = PLANS[plan_name]
     vis = None if plan is None else visual
@@ -125,8 +131,9 @@ for mesh_name, plan_name, grads, prefill in json.loads(sys.argv[2]):
         got_toks, got_last = greedy(lm, got_logits, got_cache)
         out.update(logits=err(ref_logits, got_logits), cache=cache_err(ref_cache, got_cache),
                    same_tokens=ref_toks == got_toks, decode=err(ref_last, got_last))
-    results[f"{mesh_name}/{plan_name}"] = out
+    results[f"{mesh_name}/{plan_name}" + (f"/seq_block{seq_block}" if seq_block else "")] = out
 
+lm = base
 if len(sys.argv) > 3:  # the VLM: tower and projector first, then the LM split along the sequence
     from configs import tiny_vlm
     from eval.inputs import tiny_vlm_config
@@ -161,9 +168,12 @@ if len(sys.argv) > 3:  # the VLM: tower and projector first, then the LM split a
 print("RESULT " + json.dumps(results))
 """
 
-# (mesh, plan, check gradients, check prefill + decode); kept small: each is a few compiles.
-CASES = [("sequence8", "none", False, True), ("sequence8", "step", True, True), ("sequence4xtensor2", "none", True, True),
-         ("sequence4xtensor2", "fastv", False, True)]
+# (mesh, plan, check gradients, check prefill + decode, seq_block or 0); kept small: each is a
+# few compiles. With seq_block 16, a 2-way split's 32-token shards run their Mamba layers in
+# blocks (before the plan's first stage; the one-device side is blocked too).
+CASES = [("sequence8", "none", False, True, 0), ("sequence8", "step", True, True, 0),
+         ("sequence4xtensor2", "none", True, True, 0), ("sequence4xtensor2", "fastv", False, True, 0),
+         ("sequence2", "step", True, True, 16)]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +190,7 @@ def sharded_results():
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("case", [f"{m}/{p}" for m, p, _, _ in CASES])
+@pytest.mark.parametrize("case", [f"{m}/{p}" + (f"/seq_block{s}" if s else "") for m, p, _, _, s in CASES])
 def test_sequence_parallel_prompt_equals_one_device(sharded_results, case):
     r = sharded_results[case]
     assert r["kept_same"], r  # the global top-k keeps the one-device token set
@@ -246,3 +256,38 @@ def test_one_shard_is_the_ordinary_pass():
     got, index = context_parallel_hidden(lm, lm.embed_tokens(ids), mask, mesh=_one_device_mesh())
     np.testing.assert_array_equal(np.asarray(index), np.broadcast_to(np.arange(24), (2, 24)))
     np.testing.assert_allclose(np.asarray(got)[np.asarray(mask)], np.asarray(ref)[np.asarray(mask)], atol=1e-5)
+
+
+def test_bench_context_cli(tmp_path):
+    import json
+
+    out = tmp_path / "context.json"
+    proc = subprocess.run([sys.executable, "-m", "eval.bench_context", "--runlocal", "--layers", "8", "--frames", "4,8",
+                           "--degrees", "1,4", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["frames"], r["degree"]): r for r in report["rows"]}
+    assert sorted(rows) == [(4, 1), (4, 4), (8, 1), (8, 4)]
+    cfg = report["config"]
+    kv_bytes = lambda t: t * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 2  # k and v, bf16
+    for frames in (4, 8):
+        one, four = rows[frames, 1], rows[frames, 4]
+        assert one["tokens"] == four["tokens"] == frames * 64 + 16 and four["local_tokens"] == one["tokens"] // 4
+        # The first 8 layers (M-M-M-M*) hold an attention layer: a device holds its share of
+        # the KV cache, and the longer prompt's temporaries shrink with the split.
+        assert four["output_gib"] < one["output_gib"]
+        assert one["comm_bytes_per_layer"] == dict(mamba=0, attention=0, mlp=0)
+        # Ring attention: each device receives the other 3 shards' keys and values once.
+        assert four["comm_bytes_per_layer"]["attention"] == kv_bytes(one["tokens"]) * 3 // 4
+        for r in (one, four):
+            assert abs(r["total_gib"] - r["params_gib"] - r["temp_gib"] - r["output_gib"]) < 1e-9
+    assert rows[8, 4]["temp_gib"] < rows[8, 1]["temp_gib"]
+    # The Mamba exchange (halo + every shard's state) does not grow with the prompt.
+    assert rows[4, 4]["comm_bytes_per_layer"]["mamba"] == rows[8, 4]["comm_bytes_per_layer"]["mamba"] > 0
+    wall = report["correctness_run"]
+    assert wall["max_abs_logits_diff"] < 1e-4 and wall["one_device_seconds"] > 0 and wall["sequence8_seconds"] > 0
+    bad = subprocess.run([sys.executable, "-m", "eval.bench_context", "--degrees", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("error:") and "--degrees" in last

@@ -3,7 +3,7 @@
 - An uninterrupted run is the reference. A second run of the same config, killed with
   SIGKILL right after a checkpoint and resumed, ends with the reference's parameters
   bitwise, and its metrics.jsonl holds every step once with the reference's losses.
-- The same config on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2), stopped by SIGTERM
+- The same config on 8 fake CPU devices (fsdp 2 x sequence 2 x tensor 2), stopped by SIGTERM
   (it saves and exits 0) and resumed on 1 device, matches the reference's losses and
   parameters (float32, tight tolerance).
 - Bad config values, a bad data path and a workdir of another run are errors naming the
@@ -160,10 +160,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
 
 
 def test_eight_devices_sigterm_then_resume_on_one_device_reach_the_reference(reference, tmp_path):
-    # 8 fake devices (data 2 x fsdp 2 x tensor 2) until SIGTERM, which saves and exits 0;
-    # the same command then resumes on 1 device (the checkpoint restores onto another mesh).
+    # 8 fake devices (fsdp 2 x sequence 2 x tensor 2: each prompt split in two for the LM's
+    # layers, hybridvlm.context) until SIGTERM, which saves and exits 0; the same command
+    # then resumes on 1 device (the checkpoint restores onto another mesh). TINY's plan
+    # drops even counts, so the sequence split keeps it as it is.
     w = tmp_path / "mesh"
-    mesh = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+    mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.sequence=2", "--config.mesh.tensor=2")
     p = _start_until_checkpoint(w, 2, *mesh, devices=8)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
@@ -175,7 +177,7 @@ def test_eight_devices_sigterm_then_resume_on_one_device_reach_the_reference(ref
     losses = _losses(w)
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                                [reference["losses"][s] for s in sorted(losses)], rtol=1e-5)
-    _run(w, "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1")
+    _run(w, "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.sequence=1", "--config.mesh.tensor=1")
     params = _params(w)
     for k, v in reference["params"].items():
         np.testing.assert_allclose(params[k], v, rtol=0, atol=2e-5, err_msg=k)
@@ -211,6 +213,8 @@ def test_bad_command_is_one_line(tmp_path, extra, status, message):
     (dict(data=dict(target="word")), cli.UsageError, "--config.data.target"),
     (dict(data=dict(distractors=1.5)), cli.UsageError, "--config.data.distractors"),
     (dict(data=dict(distractors=0.5, train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.distractors"),
+    (dict(data=dict(turns=-1)), cli.UsageError, "--config.data.turns"),
+    (dict(data=dict(turns=2, train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.turns"),
     (dict(data=dict(tasks="color,colour")), cli.UsageError, "--config.data.tasks"),
     (dict(data=dict(tasks="color", train="jsonl:/x.jsonl")), cli.UsageError, "--config.data.tasks"),
     (dict(model=dict(text=dict(hidden_sise=8))), cli.UsageError, "--config.model"),
@@ -225,6 +229,21 @@ def test_check_config_names_the_field(overrides, error, message):
                                     for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])})
     with pytest.raises(error, match=re.escape(message)):
         finetune.check_config(cfg)
+
+
+def test_a_sequence_split_that_does_not_divide_a_bucket_names_the_field():
+    from hybridvlm.data.pipeline import PipelineConfig
+
+    cfg = finetune_synth.get_config()
+    settings = finetune.check_config(cfg)
+    pcfg = PipelineConfig.for_model(settings.vlm, batch_size=cfg.batch_size, buckets=settings.buckets,
+                                    frame_text_tokens=cfg.data.frame_text_tokens, text_tokens=cfg.data.text_tokens)
+    length = pcfg.row_length(pcfg.buckets[0])
+    finetune.check_sequence_split(settings.vlm, pcfg, 4)  # 64-token multiples split in 4
+    with pytest.raises(cli.UsageError, match=rf"--config.mesh.sequence.*{length}-token LM prompt.*7 equal"):
+        finetune.check_sequence_split(settings.vlm, pcfg, 7)
+    with pytest.raises(cli.UsageError, match=r"--config.mesh.sequence.*shorter than the Mamba conv's 3-token halo"):
+        finetune.check_sequence_split(settings.vlm, pcfg, length)
 
 
 def test_a_workdir_of_another_run_is_refused(reference):
@@ -245,6 +264,9 @@ def test_the_shipped_models_config_checks_and_mixes_video_lengths():
     cfg.data.distractors, cfg.data.tasks = 0.0, "count,order"
     train_src, val_src = finetune._sources(cfg, finetune.check_config(cfg))
     assert train_src.distractors == 0.0 and val_src.distractors == 1.0
+    cfg.data.turns = 3  # question-answer turns: training clips only
+    train_src, val_src = finetune._sources(cfg, finetune.check_config(cfg))
+    assert train_src.turns == 3 and val_src.turns == 0
     assert [train_src[i].task for i in range(3)] == ["count", "order", "count"]
     assert [val_src[i].task for i in range(4)] == list(synth.TASKS)
 
@@ -291,7 +313,7 @@ def test_resuming_tolerates_fields_added_unset_but_not_set_ones(tmp_path):
     finetune.check_workdir(str(tmp_path), grown)
     # Fields added later at the value that behaves as before resume too (data.target, ...).
     old = json.loads(json.dumps(cfg))
-    del old["data"]["target"], old["data"]["distractors"]
+    del old["data"]["target"], old["data"]["distractors"], old["data"]["turns"]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)
     finetune.check_workdir(str(tmp_path), cfg)

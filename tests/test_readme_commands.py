@@ -64,6 +64,8 @@ COMMANDS = {
     "eval.bench_ssd": Tiny(set={"--lengths": "64", "--repeats": "1", "--heads": "2", "--head_dim": "8", "--state": "8",
                                 "--groups": "1", "--chunk": "16", "--impls": "chunked", "--modes": "fwd"}),
     "eval.bench_memory": Tiny(set={"--frames": "4"}, add=("--runlocal",)),
+    "eval.bench_context": Tiny(set={"--frames": "4", "--degrees": "1,2", "--fake_devices": "true", "--wall": "false"},
+                               add=("--runlocal",)),
     "hybridvlm.convert": Tiny(set={"--hf": "{lm_hf}", "--out": "{new_dir}"}),
     "hybridvlm.convert --to-hf": Tiny(set={"--checkpoint": "{lm_ckpt}", "--out": "{new_dir}"}),
     "hybridvlm.data.prepare_synth": Tiny(set={"--data_dir": "{new_dir}", "--frames": "16", "--train": "2",

@@ -132,10 +132,11 @@ def test_mesh_spec_falls_back_to_replication_rather_than_failing():
 
 
 def test_mesh_config_sizes_and_validation():
-    assert MeshConfig(data=2, fsdp=2, tensor=2).sizes(8) == (2, 2, 2)
-    assert MeshConfig(data=2, fsdp=-1, tensor=2).sizes(16) == (2, 4, 2)
-    assert MeshConfig(data=-1, fsdp=1, tensor=1).sizes(8) == (8, 1, 1)
-    assert MeshConfig().sizes(8) == (1, 8, 1)
+    assert MeshConfig(data=2, fsdp=2, tensor=2).sizes(8) == (2, 2, 1, 2)
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).sizes(16) == (2, 4, 1, 2)
+    assert MeshConfig(data=-1, fsdp=1, tensor=1).sizes(8) == (8, 1, 1, 1)
+    assert MeshConfig().sizes(8) == (1, 8, 1, 1)
+    assert MeshConfig(data=2, fsdp=1, sequence=-1, tensor=2).sizes(16) == (2, 1, 4, 2)
     with pytest.raises(ValueError, match=r"mesh\.fsdp and mesh\.tensor are all -1.*8 devices"):
         MeshConfig(data=1, fsdp=-1, tensor=-1).sizes(8)
     with pytest.raises(ValueError, match=r"mesh\.fsdp=-1: 8 devices are not a multiple of mesh\.data=3"):
@@ -146,10 +147,12 @@ def test_mesh_config_sizes_and_validation():
         MeshConfig(data=1, fsdp=-1, tensor=0).sizes(8)
     with pytest.raises(ValueError, match=r"mesh\.data=2\.5"):
         MeshConfig(data=2.5, fsdp=-1, tensor=1).sizes(8)
-    # From an ml_collections-style config (attributes), on this process's devices.
+    # From an ml_collections-style config (attributes), on this process's devices; a config
+    # written before the sequence axis existed gets sequence 1.
     cfg = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     mesh = make_mesh(cfg)
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.shape["fsdp"] == jax.device_count()
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor") and mesh.shape["fsdp"] == jax.device_count()
+    assert mesh.shape["sequence"] == 1
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 

@@ -363,6 +363,7 @@ def test_split_seeds_are_disjoint():
     (dict(num_frames=15), "num_frames"), (dict(num_frames=257), "num_frames"), (dict(size=8), "size"),
     (dict(task="colour"), "task"), (dict(seed=-1), "seed"), (dict(index=-1), "index"),
     (dict(distractors=1.5), "distractors"), (dict(distractors=-0.1), "distractors"),
+    (dict(turns=-1), "turns"),
 ])
 def test_bad_arguments_are_refused(kwargs, word):
     args = dict(seed=0, index=0) | kwargs
@@ -372,7 +373,8 @@ def test_bad_arguments_are_refused(kwargs, word):
     if word not in ("index",):
         with pytest.raises(ValueError, match=word):
             synth.SynthSource(seed, 3, args.get("num_frames", 32), frame_size=args.get("size", 128),
-                              task=args.get("task"), distractors=args.get("distractors", 1.0))
+                              task=args.get("task"), distractors=args.get("distractors", 1.0),
+                              turns=args.get("turns", 0))
 
 
 def test_source_takes_several_video_lengths_in_turn():
@@ -429,3 +431,56 @@ def test_distractors_blank_non_answer_events_only(p):
     # Shown with probability 1 is the full example, byte for byte.
     a, b = synth.generate(3, 5, num_frames=32, size=32, distractors=1.0), synth.generate(3, 5, num_frames=32, size=32)
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.meta["events"], b.meta["events"])
+
+
+def _truth(rec):
+    """(shape, colour) word pairs of the clip's shown events, from its ground truth."""
+    return [(synth.SHAPES[s], synth.COLORS[c]) for _, _, s, c in rec.meta["events"] if s >= 0]
+
+
+def test_turns_are_true_of_the_clip_and_do_not_give_the_answer_away():
+    # Each turn is checked against the events as drawn (meta), not against qa_turns.
+    counts, seen = [], set()
+    for i in range(64):
+        rec = synth.generate(4, i, num_frames=32, size=16, turns=4, distractors=0.6 if i % 2 else 1.0)
+        plain = synth.generate(4, i, num_frames=32, size=16, distractors=0.6 if i % 2 else 1.0)
+        assert plain.preamble == ""
+        assert (rec.question, rec.options, rec.answer) == (plain.question, plain.options, plain.answer)
+        np.testing.assert_array_equal(rec.frames, plain.frames)
+        lines = rec.preamble.splitlines()
+        assert rec.preamble == "" or rec.preamble.endswith("\n")
+        counts.append(len(lines))
+        pairs = _truth(rec)
+        key = set(rec.question.rstrip("?").split()) & set(synth.SHAPES + synth.COLORS)
+        for line in lines:
+            question, answer = line.rsplit(" ", 1)
+            assert question != rec.question and not key & set(question.rstrip("?").split() + [answer]), line
+            words = question.rstrip("?").split()
+            if question.startswith("What color is the "):
+                shape = words[-1]
+                colours = [c for s, c in pairs if s == shape]
+                assert colours == [answer], (line, pairs)
+                seen.add("color")
+            elif question.startswith("Which shape is "):
+                colour = words[-1]
+                assert [s for s, c in pairs if c == colour] == [answer], (line, pairs)
+                seen.add("shape")
+            else:
+                assert question.startswith("How many times does the ") and question.endswith(" appear?"), line
+                n = sum(s == words[-2] for s, _ in pairs)
+                assert 1 <= n <= 4 and answer == str(n), (line, pairs)
+                seen.add("count")
+        assert len(set(lines)) == len(lines)
+    assert seen == {"color", "shape", "count"}
+    assert min(counts) == 0 and max(counts) == 4  # k uniform in 0..turns
+    # The text after the video starts with the turns, then the question as before.
+    rec = next(r for r in (synth.generate(4, i, num_frames=32, size=16, turns=4) for i in range(20)) if r.preamble)
+    assert rec.text().startswith(rec.preamble + rec.question + "\n")
+
+
+def test_turns_reach_the_source_and_its_repr():
+    src = synth.SynthSource(4, 8, 16, frame_size=16, turns=3)
+    assert "turns=3" in repr(src)
+    assert [src[i].preamble for i in range(8)] == [synth.generate(4, i, num_frames=16, size=16, turns=3).preamble
+                                                   for i in range(8)]
+    assert any(src[i].preamble for i in range(8))

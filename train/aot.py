@@ -65,8 +65,9 @@ from hybridvlm.data.pipeline_config import LENGTH_MULTIPLE
 from hybridvlm.remat import REMAT_POLICIES
 from hybridvlm.radio import RadioConfig
 from hybridvlm.vlm import NemotronHVLModel, VLMConfig
+from reduction.evs import evs_keep_count
 from reduction.plan import SHAPES, progressive
-from train.mesh import AXES, MeshConfig, make_mesh
+from train.mesh import AXES, MeshConfig, make_mesh, sequence_split
 from train.optim import PARTS, OptimConfig, make_optimizer
 from train.state import StateLayout
 from train.step import make_train_step
@@ -86,6 +87,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("devices", 64, "Fake CPU devices of the mesh.")
     flags.DEFINE_integer("mesh.data", 1, "Mesh axis sizes (one may be -1: the rest of the devices).")
     flags.DEFINE_integer("mesh.fsdp", -1, "See --mesh.data.")
+    flags.DEFINE_integer("mesh.sequence", 1, "See --mesh.data (> 1: context parallelism, the prompt split "
+                                             "along the sequence for the LM's layers).")
     flags.DEFINE_integer("mesh.tensor", 8, "See --mesh.data.")
     flags.DEFINE_integer("frames", 128, "Frames per video (the frame bucket).")
     flags.DEFINE_integer("batch", None, "Global batch rows (default: one per data-parallel shard, data x fsdp).")
@@ -181,6 +184,12 @@ class Setup:
         """Visual tokens (placeholders) per row."""
         return self.tubelets(cfg) * cfg.tokens_per_tubelet(self.image_size, self.image_size)
 
+    def lm_visual_tokens(self, cfg: VLMConfig) -> int:
+        """Visual tokens per row that reach the LM (after EVS, where the model has it)."""
+        per = cfg.tokens_per_tubelet(self.image_size, self.image_size)
+        rate = cfg.video_pruning_rate
+        return evs_keep_count(self.tubelets(cfg), per, rate) if rate > 0 else self.visual_tokens(cfg)
+
     def row_length(self, cfg: VLMConfig) -> int:
         """Tokens per row, as the pipeline budgets them (`PipelineConfig.row_length`)."""
         n = self.visual_tokens(cfg) + self.frames * self.frame_text_tokens + self.text_tokens
@@ -230,10 +239,12 @@ def compile_step(cfg: VLMConfig, mesh, setup: Setup, *, compiler_options: dict |
     layout = StateLayout.of(params, tx, mesh)
     state = layout.abstract(params, tx)
     batch = abstract_batch(cfg, setup, layout.batch())
-    plan = plan_for(cfg, setup)
-    step = make_train_step(graphdef, rest, tx, optim_config=ocfg, answer_ids=ANSWER_IDS,
-                           plan_for_bucket={setup.tubelets(cfg) * cfg.temporal_patch_size: plan},
-                           compute_dtype=jnp.bfloat16, remat_policy=setup.remat, constrain=layout.constrain)
+    frames = setup.tubelets(cfg) * cfg.temporal_patch_size
+    sequence, plans = sequence_split(mesh, {frames: plan_for(cfg, setup)})
+    plan = plans[frames]
+    step = make_train_step(graphdef, rest, tx, optim_config=ocfg, answer_ids=ANSWER_IDS, plan_for_bucket=plans,
+                           compute_dtype=jnp.bfloat16, remat_policy=setup.remat, constrain=layout.constrain,
+                           sequence=sequence)
     t0 = time.perf_counter()
     lowered = layout.jit_step(step).lower(state, batch)
     t1 = time.perf_counter()
@@ -300,7 +311,8 @@ def table(b: dict[str, int], *, device_gib: float, headroom_gib: float) -> list[
 
 
 def parse_mesh(F) -> MeshConfig:
-    mesh = MeshConfig(data=F["mesh.data"].value, fsdp=F["mesh.fsdp"].value, tensor=F["mesh.tensor"].value)
+    mesh = MeshConfig(data=F["mesh.data"].value, fsdp=F["mesh.fsdp"].value, sequence=F["mesh.sequence"].value,
+                      tensor=F["mesh.tensor"].value)
     try:
         mesh.sizes(F.devices)
     except ValueError as e:
@@ -314,7 +326,7 @@ def main(argv):
     F = flags.FLAGS
     cli_checks.at_least("--devices", F.devices, 1)
     mesh_cfg = parse_mesh(F)
-    data, fsdp, tensor = mesh_cfg.sizes(F.devices)
+    data, fsdp, sequence, tensor = mesh_cfg.sizes(F.devices)
     shards = data * fsdp
     batch = F.batch if F.batch is not None else shards
     cli_checks.at_least("--batch", batch, 1)
@@ -353,6 +365,10 @@ def main(argv):
     cli_checks.require(not setup.budget or any(kind in cfg.text.pattern for kind in "M*"), "--budget",
                        "the LM has no Mamba or attention layer to score visual tokens with (use --budget 0)")
     plan_for(cfg, setup)  # an impossible budget fails here (PlanError), before the compile
+    tokens = setup.row_length(cfg) - (setup.visual_tokens(cfg) - setup.lm_visual_tokens(cfg))
+    cli_checks.require(tokens % sequence == 0 and tokens // sequence >= cfg.text.conv_kernel - 1, "--mesh.sequence",
+                       f"a {tokens}-token LM prompt does not split into {sequence} equal shards of at least "
+                       f"{cfg.text.conv_kernel - 1} tokens (the Mamba conv's halo)")
 
     # Fake devices: CPU only, as many as asked; must precede JAX's backend initialisation.
     jax.config.update("jax_platforms", "cpu")
@@ -368,7 +384,7 @@ def main(argv):
           f"{cfg.vision.num_layers} layers (width {cfg.vision.hidden_size})"
           + (f"  [CUT: the whole model has {full.text.num_layers} + {full.vision.num_layers} layers]"
              if is_cut else ""))
-    print(f"mesh {' x '.join(f'{a} {s}' for a, s in zip(AXES, (data, fsdp, tensor)))} = {F.devices} fake "
+    print(f"mesh {' x '.join(f'{a} {s}' for a, s in zip(AXES, (data, fsdp, sequence, tensor)))} = {F.devices} fake "
           f"{info['backend'].upper()} devices ({info['cpu_count']} host cores)")
     print(f"batch {batch} rows x {setup.row_length(cfg)} tokens: {F.frames} frames = {setup.tubelets(cfg)} tubelets "
           f"x {cfg.tokens_per_tubelet(image_size, image_size)} visual tokens ({setup.visual_tokens(cfg)}) at "
@@ -402,7 +418,7 @@ def main(argv):
         atomic.write_json(F.json, dict(
             machine=info, analysis=f"XLA {info['backend']} compiler memory_analysis(), per device",
             model=F.model, config=cfg.to_dict(), cut=is_cut, whole_model=whole,
-            mesh=dict(zip(AXES, (data, fsdp, tensor))), devices=F.devices, setup=dataclasses.asdict(setup),
+            mesh=dict(zip(AXES, (data, fsdp, sequence, tensor))), devices=F.devices, setup=dataclasses.asdict(setup),
             tokens=setup.row_length(cfg), visual_tokens=setup.visual_tokens(cfg), plan=plan,
             parameters=row["parameters"], bytes=b, gib={k: v / GiB for k, v in b.items()},
             device_memory_gib=F.device_memory_gib, headroom_gib=F.headroom_gib, fits=fits,

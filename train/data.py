@@ -69,7 +69,8 @@ def parse_spec(spec: str, field: str) -> DataSpec:
 
 
 def source(spec: DataSpec, split: str, *, seed: int, num_examples: int, num_frames: int,
-           frame_size: int, distractors: float = 1.0, tasks: Sequence[str] | None = None) -> Sequence[VideoQARecord]:
+           frame_size: int, distractors: float = 1.0, tasks: Sequence[str] | None = None,
+           turns: int = 0) -> Sequence[VideoQARecord]:
     """A random-access sequence of records of `split` ("train" or "validation").
 
     Generated SynthVideoQA has `num_examples` records of the split's seed
@@ -78,15 +79,16 @@ def source(spec: DataSpec, split: str, *, seed: int, num_examples: int, num_fram
     whole (its own split; `split` is ignored); questions whose video is missing are left out
     by the reader. Generated SynthVideoQA only (a curriculum): `distractors` < 1 blanks that
     share of the events that do not answer the question, `tasks` keeps those tasks (taken in
-    turn; None: all four).
+    turn; None: all four), `turns` > 0 puts up to that many question-answer turns before each
+    question (`synth.turns_preamble`).
     """
-    if (distractors < 1.0 or tasks) and not (spec.kind == "synth" and spec.path is None):
-        raise DataSpecError(f"distractors={distractors}, tasks={tasks}: only generated SynthVideoQA (\"synth\") "
-                            f"can blank distractor events or choose tasks, not {spec.kind}"
+    if (distractors < 1.0 or tasks or turns) and not (spec.kind == "synth" and spec.path is None):
+        raise DataSpecError(f"distractors={distractors}, tasks={tasks}, turns={turns}: only generated SynthVideoQA "
+                            f"(\"synth\") can blank distractor events, choose tasks or add turns, not {spec.kind}"
                             + (f":{spec.path}" if spec.path else ""))
     if spec.kind == "synth" and spec.path is None:
         return synth.SynthSource(synth.split_seed(seed, split), num_examples, num_frames, frame_size=frame_size,
-                                 distractors=distractors, task=tuple(tasks) if tasks else None)
+                                 distractors=distractors, task=tuple(tasks) if tasks else None, turns=turns)
     if spec.kind == "synth":
         return synth_source(spec.path, split, num_frames, size=frame_size, base_seed=seed)
     return read_benchmark(spec.kind, spec.path).records

@@ -22,7 +22,7 @@ from train.step import STEP_KEYS, compute_model_fn, plan_lookup
 
 
 def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16,
-                   max_answer_tokens: int = 1):
+                   max_answer_tokens: int = 1, sequence=None):
     """eval_step(params, batch) -> dict of float32 sums: loss_sum, tokens, correct, and per
     row (b,): row_correct, row_tokens.
 
@@ -36,7 +36,7 @@ def make_eval_step(graphdef, rest, *, answer_ids, plan_for_bucket=None, compute_
         model = to_model(params)
         frames = batch["pixel_values_videos"].shape[1] * model.config.temporal_patch_size
         _, aux = answer_loss(model, batch, answer_ids=answer_ids, reduction=lookup(frames),
-                             max_answer_tokens=max_answer_tokens, per_row=True)
+                             max_answer_tokens=max_answer_tokens, per_row=True, sequence=sequence)
         return aux
 
     return eval_step

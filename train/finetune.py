@@ -51,11 +51,12 @@ from hybridvlm.data.pipeline_config import TARGETS, PipelineError
 from hybridvlm.remat import REMAT_POLICIES
 from hybridvlm.tokenizer import TOKENIZERS, named_tokenizer
 from reduction import plan as rp
+from reduction.evs import evs_keep_count
 from train import data as tdata
 from train import distributed
 from train.checkpoint import TrainCheckpointer, preemption_guard
 from train.evaluate import evaluate, make_eval_step
-from train.mesh import MeshConfig, make_mesh
+from train.mesh import MeshConfig, make_mesh, sequence_split
 from train.metrics import METRICS_FILE, MetricsLog, read_metrics
 from train.model import check_init, save_model, start_model, trained_step, vlm_config
 from train.optim import PARTS, OptimConfig, make_optimizer
@@ -70,7 +71,8 @@ RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every", "ke
                      "distributed", "tensorboard", "compilation_cache", "data.workers")
 # Fields added to the config after runs began, at the value that behaves as before the field
 # existed: a run started earlier resumes with them.
-ADDED_DEFAULTS = {"data.target": "letter", "data.distractors": 1.0}  # data.tasks: "" (unset) already resumes
+# data.tasks: "" (unset) already resumes.
+ADDED_DEFAULTS = {"data.target": "letter", "data.distractors": 1.0, "data.turns": 0}
 
 
 def define_flags() -> None:
@@ -144,7 +146,7 @@ def check_config(cfg) -> Settings:
         mesh.sizes(jax.device_count())
     except ValueError as e:
         raise cli.UsageError(f"--config.{e}") from None
-    data, fsdp, _ = mesh.sizes(jax.device_count())
+    data, fsdp, _, _ = mesh.sizes(jax.device_count())
     cli_checks.require(cfg.batch_size % (data * fsdp) == 0, "--config.batch_size",
                        f"{cfg.batch_size} rows do not split over mesh.data x mesh.fsdp = {data * fsdp} devices")
     cli_checks.require(cfg.remat is None or cfg.remat in REMAT_POLICIES, "--config.remat",
@@ -172,6 +174,10 @@ def check_config(cfg) -> Settings:
     cli_checks.at_least("--config.data.text_tokens", cfg.data.text_tokens, 1)
     cli_checks.in_range("--config.data.distractors", cfg.data.distractors, 0.0, 1.0)
     cli_checks.at_least("--config.text_loss", cfg.text_loss, 0.0)
+    cli_checks.at_least("--config.data.turns", cfg.data.turns, 0)
+    cli_checks.require(cfg.data.turns == 0 or cfg.data.train == "synth", "--config.data.turns",
+                       f"question-answer turns need generated SynthVideoQA (--config.data.train=synth, "
+                       f"not {cfg.data.train!r})")
     cli_checks.require(cfg.data.distractors == 1.0 or cfg.data.train == "synth", "--config.data.distractors",
                        f"blanking distractor events needs generated SynthVideoQA (--config.data.train=synth, "
                        f"not {cfg.data.train!r})")
@@ -263,14 +269,30 @@ def plans_for_buckets(shape: str | None, budget: float | None, pcfg: PipelineCon
     return {b: rp.named(shape, num_layers, pcfg.visual_tokens(b), budget) for b in pcfg.buckets}
 
 
+def check_sequence_split(vcfg, pcfg: PipelineConfig, shards: int) -> None:
+    """UsageError naming --config.mesh.sequence unless every bucket's LM prompt (its row after
+    EVS) splits into `shards` equal blocks no shorter than the Mamba conv's halo."""
+    for bucket in pcfg.buckets:
+        length = pcfg.row_length(bucket)
+        rate = vcfg.video_pruning_rate
+        if rate > 0:
+            tubelets, per = pcfg.tubelets(bucket), pcfg.tokens_per_tubelet
+            length -= tubelets * per - evs_keep_count(tubelets, per, rate)
+        cli_checks.require(length % shards == 0, "--config.mesh.sequence",
+                           f"bucket {bucket}: its {length}-token LM prompt does not split into {shards} equal shards")
+        cli_checks.require(length // shards >= vcfg.text.conv_kernel - 1, "--config.mesh.sequence",
+                           f"bucket {bucket}: {shards} shards of {length // shards} tokens are shorter than the "
+                           f"Mamba conv's {vcfg.text.conv_kernel - 1}-token halo")
+
+
 def _sources(cfg, settings: Settings):
     d = cfg.data
     frames = settings.frames if len(settings.frames) > 1 else settings.frames[0]
     kw = dict(seed=cfg.seed, num_frames=frames, frame_size=d.frame_size)
-    # The curriculum's blanked distractors and task subset are for training only: validation is the real task.
+    # The curriculum's blanked distractors, task subset and turns are for training only: validation is the real task.
     tasks = tuple(t for t in d.tasks.split(",") if t) or None
     train = tdata.source(settings.train_data, "train", num_examples=d.train_examples, distractors=d.distractors,
-                         tasks=tasks, **kw)
+                         tasks=tasks, turns=d.turns, **kw)
     val = None
     if settings.eval_data is not None:
         val = tdata.source(settings.eval_data, "validation", num_examples=d.eval_examples, **kw)
@@ -306,6 +328,9 @@ def run(cfg, workdir: str) -> dict:
                                     frame_text_tokens=cfg.data.frame_text_tokens, text_tokens=cfg.data.text_tokens,
                                     target=cfg.data.target)
     plans = plans_for_buckets(cfg.reduction.shape, cfg.reduction.budget, pcfg, vcfg.text.num_layers)
+    sequence, plans = sequence_split(mesh, plans)
+    if sequence is not None:
+        check_sequence_split(vcfg, pcfg, sequence.shards)
     letters = answer_token_ids(tok)
     graphdef, params, rest = split_model(model)
     del model
@@ -314,9 +339,9 @@ def run(cfg, workdir: str) -> dict:
     step_fn = layout.jit_step(make_train_step(
         graphdef, rest, tx, optim_config=settings.optim, answer_ids=letters, plan_for_bucket=plans,
         compute_dtype=settings.compute_dtype, remat_policy=cfg.remat, constrain=layout.constrain,
-        text_weight=cfg.text_loss, max_text_tokens=cfg.data.text_tokens))
+        text_weight=cfg.text_loss, max_text_tokens=cfg.data.text_tokens, sequence=sequence))
     eval_fn = layout.jit_eval(make_eval_step(graphdef, rest, answer_ids=letters, plan_for_bucket=plans,
-                                             compute_dtype=settings.compute_dtype))
+                                             compute_dtype=settings.compute_dtype, sequence=sequence))
     train_src, val_src = _sources(cfg, settings)
     it = iter(train_pipeline(train_src, pcfg, tokenizer=tok, mesh=mesh))
 

@@ -113,7 +113,7 @@ def _gathered_ce(model, h, columns, cols, labels_full, weight):
 
 def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normalizer=None,
                 max_answer_tokens: int = 1, per_row: bool = False, text_weight: float = 0.0,
-                max_text_tokens: int = 0, text_normalizer=None):
+                max_text_tokens: int = 0, text_normalizer=None, sequence=None):
     """Cross-entropy and multiple-choice accuracy on the answer tokens only.
 
     Args:
@@ -134,6 +134,8 @@ def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normali
         the video (batch["text_labels"], its first `max_text_tokens` per row; averaged over
         `text_normalizer` tokens, default this batch's): a dense signal of what the video
         holds (the question's and options' words), on top of the one answer per row.
+      sequence: None or a `hybridvlm.context.SequenceParallel`: the LM's layers run split
+        along that mesh axis (context parallelism; the same loss).
     Returns:
       loss (scalar float32: sum of the answer tokens' cross-entropies / normalizer, plus
       the text term) and a dict of float32 scalars: loss_sum (answer tokens only), tokens
@@ -143,7 +145,8 @@ def answer_loss(model, batch, *, answer_ids, reduction=None, remat=None, normali
     """
     cols, weight = answer_weights(batch, max_answer_tokens)
     h, columns = model.hidden_states(batch["input_ids"], pixel_values_videos=batch["pixel_values_videos"],
-                                     attention_mask=batch["attention_mask"], reduction=reduction, remat=remat)
+                                     attention_mask=batch["attention_mask"], reduction=reduction, remat=remat,
+                                     sequence=sequence)
     ce, logits, labels, weight = _gathered_ce(model, h, columns, cols, batch["labels"], weight)  # (b, k)
     w = weight.astype(jnp.float32)
     loss_sum = jnp.sum(ce * w)

@@ -1,10 +1,12 @@
-"""The device mesh of sharded finetuning: named axes ("data", "fsdp", "tensor").
+"""The device mesh of sharded finetuning: named axes ("data", "fsdp", "sequence", "tensor").
 
-- data:   pure data parallelism (parameters replicated across it);
-- fsdp:   data parallelism whose replicas also split the parameters and
-          optimizer state (gathered per layer when used);
-- tensor: model parallelism (attention heads, MLP hidden units, Mamba heads,
-          vocabulary).
+- data:     pure data parallelism (parameters replicated across it);
+- fsdp:     data parallelism whose replicas also split the parameters and
+            optimizer state (gathered per layer when used);
+- sequence: context parallelism: each row's prompt split into contiguous blocks
+            for the LM's layers (`hybridvlm.context`; parameters replicated across it);
+- tensor:   model parallelism (attention heads, MLP hidden units, Mamba heads,
+            vocabulary).
 Batches shard over data x fsdp (`hybridvlm.sharding.batch_sharding`); the rule
 table in `hybridvlm.sharding` maps parameters onto fsdp and tensor.
 """
@@ -19,7 +21,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-AXES = ("data", "fsdp", "tensor")
+from hybridvlm.context.prefill import SequenceParallel, shard_plan
+
+AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,16 +32,18 @@ class MeshConfig:
 
     data: int = 1
     fsdp: int = -1
+    sequence: int = 1
     tensor: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MeshConfig":
-        """From anything with `data`, `fsdp`, `tensor` attributes (an ml_collections
-        ConfigDict such as `config.mesh`, or a MeshConfig)."""
-        return cls(**{axis: getattr(cfg, axis) for axis in AXES})
+        """From anything with `data`, `fsdp`, `tensor` (and optionally `sequence`, default 1:
+        configs written before the axis existed) attributes: an ml_collections ConfigDict
+        such as `config.mesh`, or a MeshConfig."""
+        return cls(**{axis: getattr(cfg, axis, 1) if axis == "sequence" else getattr(cfg, axis) for axis in AXES})
 
-    def sizes(self, num_devices: int) -> tuple[int, int, int]:
-        """(data, fsdp, tensor) for `num_devices` devices, -1 resolved.
+    def sizes(self, num_devices: int) -> tuple[int, int, int, int]:
+        """(data, fsdp, sequence, tensor) for `num_devices` devices, -1 resolved.
 
         Raises ValueError naming the offending field and the device count.
         """
@@ -65,7 +71,7 @@ class MeshConfig:
 
 
 def make_mesh(cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all of them).
+    """A ("data", "fsdp", "sequence", "tensor") mesh over `devices` (default: all of them).
 
     cfg: a MeshConfig, or anything `MeshConfig.from_config` reads; None = all
     devices on fsdp. Axis types are Auto, not the Explicit default of this JAX:
@@ -78,3 +84,13 @@ def make_mesh(cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.sizes(len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def sequence_split(mesh: Mesh, plans: dict[int, Any]) -> tuple[SequenceParallel | None, dict[int, Any]]:
+    """Context parallelism of `mesh`: (SequenceParallel over its "sequence" axis, or None
+    where that axis has size 1, and `plans` {bucket: ReductionPlan | None} with each stage's
+    dropped count rounded to a multiple of the axis size (`shard_plan`; unchanged at 1))."""
+    shards = int(mesh.shape.get("sequence", 1))
+    if shards == 1:
+        return None, plans
+    return SequenceParallel(mesh, "sequence"), {b: shard_plan(p, shards) for b, p in plans.items()}

@@ -131,7 +131,7 @@ def plan_lookup(plan_for_bucket) -> Callable[[int], Any]:
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, optim_config: OptimConfig,
                     answer_ids, plan_for_bucket=None, compute_dtype=jnp.bfloat16, remat_policy: str | None = None,
                     constrain: Callable[[Any], Any] | None = None, max_answer_tokens: int = 1,
-                    text_weight: float = 0.0, max_text_tokens: int = 0):
+                    text_weight: float = 0.0, max_text_tokens: int = 0, sequence=None):
     """The train step function (not jitted: wrap it in `jax.jit(..., donate_argnums=0)`).
 
     Args:
@@ -149,6 +149,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
       max_answer_tokens: static answer tokens per row (`train.loss.answer_columns`).
       text_weight, max_text_tokens: an added loss on the text after the video
         (`train.loss.answer_loss`); 0 = none.
+      sequence: None or a `hybridvlm.context.SequenceParallel` (the mesh's "sequence"
+        axis): the LM's forward and backward run split along the sequence.
     Returns:
       step(state: TrainState, batch: dict) -> (TrainState, metrics), metrics a dict of
       float32 scalars: loss (mean cross-entropy over the batch's answer tokens),
@@ -182,7 +184,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *, 
                                             params, labels)
             return answer_loss(to_model(params), micro, answer_ids=answer_ids, reduction=plan, remat=remat_policy,
                                normalizer=normalizer, max_answer_tokens=max_answer_tokens, text_weight=text_weight,
-                               max_text_tokens=max_text_tokens, text_normalizer=text_normalizer)
+                               max_text_tokens=max_text_tokens, text_normalizer=text_normalizer, sequence=sequence)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accumulate == 1:

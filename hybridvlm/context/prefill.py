@@ -39,6 +39,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from hybridvlm.cache import Cache, KVCache, Layout, MambaState
@@ -46,6 +47,26 @@ from hybridvlm.context.reduce import check_stage_split
 from reduction.plan import ReductionPlan
 
 SEQUENCE_AXIS = "sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """Where a prompt's LM layers run split along the sequence: `mesh`'s `axis`.
+
+    Passed as `sequence=` to `NemotronHVLModel.hidden_states` and the training loss
+    (`train.loss.answer_loss`); `train.finetune` builds it from `mesh.sequence`.
+    """
+
+    mesh: Mesh
+    axis: str = SEQUENCE_AXIS
+
+    def __post_init__(self):
+        if self.axis not in self.mesh.shape:
+            raise ValueError(f"mesh has no {self.axis!r} axis (its axes: {', '.join(self.mesh.axis_names)})")
+
+    @property
+    def shards(self) -> int:
+        return int(self.mesh.shape[self.axis])
 
 
 def _check(mesh, axis: str, t: int, conv_kernel: int) -> int:
@@ -124,16 +145,28 @@ def _local_sizes(lm, plan, t: int, shards: int) -> list[int]:
     return sizes
 
 
-def _run(lm, h, attention_mask, *, mesh, axis: str, with_cache: bool, remat=None, reduction=None, visual_mask=None):
-    """(h (b, t', d) final hidden states, kept positions (b, t') int32, the per-layer entries or None)."""
+def _run(lm, h, attention_mask, *, mesh, axis: str, with_cache: bool, remat=None, reduction=None, visual_mask=None,
+         wide_weights: bool = False):
+    """(h (b, t', d) final hidden states, kept positions (b, t') int32, the per-layer entries or None).
+
+    wide_weights: low-precision floating weights enter the shard_map as float32 and are cast
+    back inside, so their gradients (summed over the axis in the backward pass) are float32:
+    XLA's CPU compiler aborts on that sum in bfloat16 ("Invalid binary instruction opcode
+    copy", jax 0.10.2). The training forward sets it; a prefill keeps the weights as they are.
+    """
     b, t = attention_mask.shape
     shards = _check(mesh, axis, t, lm.config.conv_kernel)
     sizes = _local_sizes(lm, reduction, t, shards)
     graphdef, state = nnx.split(lm)
     if visual_mask is None:
         visual_mask = jnp.zeros((b, t), bool)
+    dtypes = jax.tree.map(lambda x: x.dtype, state)
+    if wide_weights:
+        low = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+        state = jax.tree.map(lambda x: x.astype(jnp.float32) if low(x) else x, state)
 
     def body(state, h, valid, visual):
+        state = jax.tree.map(lambda x, d: x.astype(d), state, dtypes)
         model = nnx.merge(graphdef, state)
         layout = shard_layout(valid, axis, shards)
         caches = model.init_cache(b, sizes) if with_cache else None
@@ -169,7 +202,7 @@ def context_parallel_hidden(lm, inputs_embeds, attention_mask, *, mesh, axis: st
     lm.check_inputs(jnp.zeros(attention_mask.shape, jnp.int32), attention_mask, reduction=reduction,
                     visual_mask=visual_mask, inputs_embeds=inputs_embeds)
     h, index, _ = _run(lm, inputs_embeds, attention_mask, mesh=mesh, axis=axis, with_cache=False, remat=remat,
-                       reduction=reduction, visual_mask=visual_mask)
+                       reduction=reduction, visual_mask=visual_mask, wide_weights=True)
     return h, index
 
 

@@ -47,6 +47,15 @@ perception; raising p towards 1 brings back the events the question must be told
 from. The visibility draws come from their own stream (`[seed, index, 1]`), so the
 events, geometry and noise are those of the full example, and p = 1 is it exactly.
 Blanked events have shape and colour -1 in `events`, `frame_shape` and `frame_color`.
+
+Turns (a training aid; default none). With `turns` = n > 0, the question is preceded (as the
+record's `preamble`) by k extra question-answer turns, k uniform in 0..n, each a question of
+the clip's visible events followed by its answer word ("What color is the ring? red"):
+the colour of every shape shown in exactly one event, the shape of every colour shown in
+exactly one event, and how many times each shown shape appears (`qa_turns`). As the several
+turns of a conversation about one image in VLM instruction tuning, they give a clip k
+supervised lookups for the cost of one video (with a loss on the text after the video); the
+draws come from their own stream (`[seed, index, 2]`), so everything else is unchanged.
 The constraints hold by construction: the answer events are placed first, the other
 events are filled from the shapes / colours that cannot break them. Every video
 has at least 7 events (the event lengths are drawn the same way for every task),
@@ -265,9 +274,50 @@ def _event_geometry(rng: np.random.Generator, length: int, size: int) -> tuple[n
 # ----------------------------------------------------------------------------- records
 
 
-def check_args(seed: int, num_frames: int, size: int, task: str | None = None, distractors: float = 1.0) -> None:
+def qa_turns(shapes: np.ndarray, colors: np.ndarray) -> list[tuple[str, str]]:
+    """Every (question, answer word) the visible events answer unambiguously (module doc).
+
+    shapes, colors: (E,) int per event, -1 where blanked. Colour questions for shapes shown
+    in exactly one event, shape questions for colours shown in exactly one event, count
+    questions (1..4 only: the count options) for every shown shape; in that order.
+    """
+    shown = shapes >= 0
+    s_count = np.bincount(shapes[shown], minlength=len(SHAPES))
+    c_count = np.bincount(colors[shown], minlength=len(COLORS))
+    out = []
+    for s in np.flatnonzero(s_count == 1):
+        out.append((QUESTIONS["color"].format(shape=SHAPES[s]), COLORS[colors[shown & (shapes == s)][0]]))
+    for c in np.flatnonzero(c_count == 1):
+        out.append((QUESTIONS["shape"].format(color=COLORS[c]), SHAPES[shapes[shown & (colors == c)][0]]))
+    for s in np.flatnonzero((s_count >= 1) & (s_count <= len(COUNT_OPTIONS))):
+        out.append((QUESTIONS["count"].format(shape=SHAPES[s]), COUNT_OPTIONS[s_count[s] - 1]))
+    return out
+
+
+def turns_preamble(seed: int, index: int, shapes: np.ndarray, colors: np.ndarray, turns: int, question: str) -> str:
+    """k (uniform in 0..turns) of `qa_turns`, drawn without replacement from stream
+    [seed, index, 2], one "question answer" line each (the record's preamble).
+
+    A turn must not give the answer away in text ("Which shape is cyan? cross" before
+    "What color is the cross?"), so turns naming the question's shape or colour, in their
+    question or their answer, are left out.
+    """
+    if turns <= 0:
+        return ""
+    rng = np.random.default_rng([seed, index, 2])
+    keys = set(question.rstrip("?").split()) & set(SHAPES + COLORS)
+    pairs = [(q, a) for q, a in qa_turns(shapes, colors) if not keys & set(q.rstrip("?").split() + [a])]
+    k = min(int(rng.integers(0, turns + 1)), len(pairs))
+    pick = rng.permutation(len(pairs))[:k]
+    return "".join(f"{pairs[i][0]} {pairs[i][1]}\n" for i in pick)
+
+
+def check_args(seed: int, num_frames: int, size: int, task: str | None = None, distractors: float = 1.0,
+               turns: int = 0) -> None:
     """Raises ValueError naming the argument unless seed >= 0, 16 <= num_frames <= 256,
-    size >= 16, task is None or one of TASKS, and 0 <= distractors <= 1."""
+    size >= 16, task is None or one of TASKS, 0 <= distractors <= 1 and turns >= 0."""
+    if turns < 0:
+        raise ValueError(f"turns must be >= 0 (the most extra question-answer turns), got {turns}")
     if not 0.0 <= distractors <= 1.0:
         raise ValueError(f"distractors must be in [0, 1] (the share of non-answer events shown), got {distractors}")
     if seed < 0:
@@ -281,17 +331,18 @@ def check_args(seed: int, num_frames: int, size: int, task: str | None = None, d
 
 
 def generate(seed: int, index: int, *, num_frames: int = DEFAULT_FRAMES, task: str | None = None,
-             size: int = DEFAULT_SIZE, distractors: float = 1.0) -> VideoQARecord:
+             size: int = DEFAULT_SIZE, distractors: float = 1.0, turns: int = 0) -> VideoQARecord:
     """Example `index` of `seed`: a VideoQARecord with frames (num_frames, size, size, 3) uint8.
 
     task: one of TASKS, or None for TASKS[index % 4]. The uid is "synth/{seed}/{index}".
     distractors: the probability that each non-answer event is shown (see the module doc).
+    turns: the most extra question-answer turns before the question (see the module doc).
     Raises ValueError for a negative seed or index, or arguments `check_args` refuses.
     """
     seed, index, num_frames, size = int(seed), int(index), int(num_frames), int(size)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
-    check_args(seed, num_frames, size, task, distractors)
+    check_args(seed, num_frames, size, task, distractors, turns)
     task = task_of(index) if task is None else task
     rng = np.random.default_rng([seed, index])
 
@@ -322,7 +373,8 @@ def generate(seed: int, index: int, *, num_frames: int = DEFAULT_FRAMES, task: s
     meta = dict(seed=seed, index=index, frame_shape=frame_shape, frame_color=frame_color,
                 frame_center=frame_center, frame_size=frame_size, events=events, answer_frames=answer_frames)
     return VideoQARecord(uid=f"synth/{seed}/{index}", question=question, options=tuple(options), answer=int(answer),
-                         task=task, frames=frames, timestamps=np.arange(num_frames, dtype=np.float64) / FPS,
+                         task=task, preamble=turns_preamble(seed, index, shapes, colors, turns, question),
+                         frames=frames, timestamps=np.arange(num_frames, dtype=np.float64) / FPS,
                          meta=meta)
 
 
@@ -337,11 +389,13 @@ class SynthSource:
     """
 
     def __init__(self, seed: int, size: int, num_frames: int | Sequence[int] = DEFAULT_FRAMES, *,
-                 frame_size: int = DEFAULT_SIZE, task: str | Sequence[str] | None = None, distractors: float = 1.0):
+                 frame_size: int = DEFAULT_SIZE, task: str | Sequence[str] | None = None, distractors: float = 1.0,
+                 turns: int = 0):
         """seed: generator seed; size: number of examples; num_frames: frames per video (16..256),
         or several lengths taken in turn; frame_size: frame side in pixels; task: one task for
         all, several taken in turn (example i gets task[i % len(task)]), or None (TASKS[i % 4]);
-        distractors: the share of non-answer events shown."""
+        distractors: the share of non-answer events shown; turns: the most extra
+        question-answer turns before each question."""
         if size < 0:
             raise ValueError(f"size (number of examples) must be >= 0, got {size}")
         lengths = (num_frames,) if np.ndim(num_frames) == 0 else tuple(num_frames)
@@ -352,10 +406,11 @@ class SynthSource:
             raise ValueError("task: give at least one task (or None for all)")
         for n in lengths:
             for t in tasks:
-                check_args(seed, n, frame_size, t, distractors)
+                check_args(seed, n, frame_size, t, distractors, turns)
         self.seed, self.size = int(seed), int(size)
         self.lengths = tuple(int(n) for n in lengths)
         self.frame_size, self.task, self.distractors = int(frame_size), task, float(distractors)
+        self.turns = int(turns)
         self._tasks = tasks
 
     @property
@@ -378,9 +433,10 @@ class SynthSource:
             raise IndexError(f"index {index} out of range for {self.size} examples")
         return generate(self.seed, i, num_frames=self.frames_of(i), task=self._tasks[i % len(self._tasks)],
                         size=self.frame_size,
-                        distractors=self.distractors)
+                        distractors=self.distractors, turns=self.turns)
 
     def __repr__(self) -> str:
         frames = self.lengths[0] if len(self.lengths) == 1 else self.lengths
         return (f"SynthSource(seed={self.seed}, size={self.size}, num_frames={frames}, "
-                f"frame_size={self.frame_size}, task={self.task!r}, distractors={self.distractors})")
+                f"frame_size={self.frame_size}, task={self.task!r}, distractors={self.distractors}, "
+                f"turns={self.turns})")

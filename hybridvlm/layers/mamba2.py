@@ -34,7 +34,7 @@ from flax import nnx
 
 from hybridvlm.cache import Layout, MambaState
 from hybridvlm.config import LMConfig
-from hybridvlm.context.mamba import conv_halo, sharded_ssd_tail
+from hybridvlm.context.mamba import conv_halo, incoming_state, sharded_ssd_tail
 from hybridvlm.layers.init import INIT_STD, const_param, normal_param, param, zeros_param
 from hybridvlm.layers.norm import GatedRMSNorm
 from hybridvlm.ops.blocks import block_plan, map_blocks
@@ -305,12 +305,59 @@ class Mamba2Mixer(nnx.Module):
         this shard's end of the sequence (the last shard's is the prompt's)."""
         cfg = self.cfg
         axis, size = layout.sequence_axis
+        b, t = x.shape[:2]
+        if block_plan(t, cfg.seq_block, cfg.chunk_size)[0] > 1:
+            return self._run_sharded_blocks(x, layout, state)
         p_ = self.project(x, layout, halo=(axis, size))
         xs, B, C, dt, A = p_["x"], p_["B"], p_["C"], p_["dt"], p_["A"]
         y, local = ssd(xs, dt, A, B, C, chunk_size=cfg.chunk_size, impl=cfg.ssd_impl,
                        chunk_group=cfg.ssd_chunk_group, precision=cfg.ssd_precision)
         y, ssm = sharded_ssd_tail(y, local, C, dt, A, axis)
         return self._finish(x, xs, y, ssm, p_, state)
+
+    def _run_sharded_blocks(self, x, layout: Layout, state: MambaState | None):
+        """`_run_sharded` for a shard longer than `seq_block`, in blocks of it, so the
+        temporaries are one block's (as on one device). Two passes over the blocks:
+        the first finds only the shard's (total log-decay, final state) from a zero
+        state, which the shards exchange for their true incoming states
+        (`hybridvlm.context.mamba.incoming_state`); the second is the one-device
+        blocked pass started from that state. The price is the first pass's input
+        projections (about a third more of the mixer's FLOPs)."""
+        cfg = self.cfg
+        axis, size = layout.sequence_axis
+        b, t = x.shape[:2]
+        # The conv's halo needs only the previous shard's last k - 1 projected inputs.
+        k = cfg.conv_kernel
+        tail_valid = layout.valid[:, t - (k - 1):]
+        tail = jnp.where(tail_valid[..., None], x[:, t - (k - 1):], 0).astype(x.dtype)
+        halo = fuse_conv({part: conv_halo(self._project_in(part, tail), k, axis, size) for part in CONV_PARTS})
+        zero = self.zero_state(b, x.dtype)
+        start = MambaState(conv=halo.astype(zero.conv.dtype), ssm=zero.ssm)
+        real = jnp.ones((b, t), bool)
+
+        def local_pass(carry, marker, xb, lb, realb):
+            mstate, total = carry
+            p_ = self.project(xb, lb, mstate.conv, jnp.sum(realb[0], dtype=jnp.int32))
+            _, ssm = ssd(p_["x"], p_["dt"], p_["A"], p_["B"], p_["C"], chunk_size=cfg.chunk_size,
+                         initial_state=mstate.ssm, impl=cfg.ssd_impl, chunk_group=cfg.ssd_chunk_group,
+                         precision=cfg.ssd_precision)
+            total = total + jnp.sum(p_["dt"] * p_["A"], axis=1)
+            return (MambaState(conv=p_["conv_state"].astype(mstate.conv.dtype), ssm=ssm), total), marker
+
+        # map_blocks maps its first argument block for block: a (b, t, 1) bool stands in for outputs.
+        total0 = jnp.zeros((b, cfg.mamba_num_heads), jnp.float32)
+        _, (local, total) = map_blocks(local_pass, jnp.zeros((b, t, 1), bool), x, layout, real,
+                                       block=cfg.seq_block, align=cfg.chunk_size, carry=(start, total0))
+        s_in, _ = incoming_state(total, local.ssm, axis)
+
+        def run(carry, xb, lb, realb):
+            yb, carry = self._run(xb, lb, carry, end=jnp.sum(realb[0], dtype=jnp.int32))
+            return carry, yb
+
+        y, new_state = map_blocks(run, x, layout, real, block=cfg.seq_block, align=cfg.chunk_size,
+                                  carry=MambaState(conv=start.conv, ssm=s_in))
+        return y, (None if state is None else MambaState(conv=new_state.conv.astype(state.conv.dtype),
+                                                        ssm=new_state.ssm))
 
     def _finish(self, x, xs, y, ssm, p_, state):
         """D skip, gated norm and output projection of SSD outputs y (b, t, h, p)."""
