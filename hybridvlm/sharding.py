@@ -3,7 +3,7 @@
 Every parameter carries one logical name (or None) per dimension, as Flax's
 `out_sharding` metadata (`hybridvlm.layers.init.param`); activations are
 named at the call site (`logical_constraint`). `LOGICAL_RULES` maps each name
-to a mesh axis of the device mesh (`train.mesh`: "data", "fsdp", "tensor"), a tuple of them
+to a mesh axis of the device mesh (`train.mesh`: "data", "fsdp", "sequence", "tensor"), a tuple of them
 (the dimension splits over their product), or None (replicated).
 
 Policy: a weight's model-parallel dimension (attention heads, MLP hidden

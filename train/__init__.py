@@ -1,6 +1,6 @@
 """Sharded finetuning under token reduction.
 
-Built so far (issue 11): `mesh.py` (the ("data", "fsdp", "tensor") device
+Built so far (issue 11): `mesh.py` (the ("data", "fsdp", "sequence", "tensor") device
 mesh), `optim.py` (AdamW, warmup + cosine, clipping, decay and freeze masks),
 `loss.py` (cross-entropy and accuracy on the answer tokens only), `step.py`
 (the jitted train step: bf16 compute on float32 master weights, micro-batch
