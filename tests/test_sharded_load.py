@@ -73,7 +73,8 @@ SCRIPT = textwrap.dedent("""
         "conv_x": (1, 8, conv[:, :64]), "conv_B": (1, 1, conv[:, 64:96].reshape(4, 2, 16)),
         "conv_C": (1, 1, conv[:, 96:].reshape(4, 2, 16)), "A_log": (0, 1, None), "out_proj": (0, 8, None),
     }
-    tensor_of = {d.id: index[2] for index, d in np.ndenumerate(mesh.devices)}  # mesh axes (data, fsdp, tensor)
+    axis = mesh.axis_names.index("tensor")
+    tensor_of = {d.id: index[axis] for index, d in np.ndenumerate(mesh.devices)}
     for name, (dim, unit, columns) in parts.items():
         x = getattr(mixer, name)[...]
         assert x.sharding.spec[dim] == "tensor", (name, x.sharding.spec)
