@@ -79,6 +79,8 @@ COMMANDS = {
                                 "--config.eval_every": "2", "--config.checkpoint_every": "1",
                                 "--config.model.text.pattern": "M*-", "--config.model.vision.num_layers": "1",
                                 "--config.compute_dtype": "float32"}),
+    "train.pretrain_vision": Tiny(set={"--workdir": "{new_dir}", "--steps": "2", "--batch_size": "1",
+                                       "--eval_examples": "1", "--log_every": "1"}),
     "eval.videoqa": Tiny(set={"--checkpoint": "{svqa_ckpt}", "--num_examples": "2", "--frames": "16",
                               "--batch_size": "2", "--plans": "progressive", "--budgets": "0.5",
                               "--greedy_batches": "0", "--json": "{new_file}", "--plot": "{new_png}"}),

@@ -6,6 +6,7 @@ mesh), `optim.py` (AdamW, warmup + cosine, clipping, decay and freeze masks),
 (the jitted train step: bf16 compute on float32 master weights, micro-batch
 accumulation, remat, a static plan per frame bucket), `checkpoint.py`
 (Orbax train-state + iterator + config checkpoints, preemption). The rule
-table of parameter and activation shardings is `hybridvlm.sharding`. The
-`train.finetune` loop that ties them together is not written yet.
+table of parameter and activation shardings is `hybridvlm.sharding`. `finetune.py`
+is the loop that ties them together; `pretrain_vision.py` is the tower's perception
+stage before it (SynthVideoQA ground truth, one device).
 """
