@@ -81,10 +81,22 @@ def test_a_finished_workdir_is_refused(tmp_path):
                eval_examples=1)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("frames", "17", "not a multiple of the tubelet length 2"),
+    ("frame_size", 32, "must equal the model's image_size 64"),
+])
+def test_bad_configs_are_refused_before_anything_is_written(tmp_path, field, value, message):
+    c = _config()
+    c.data[field] = value
+    with pytest.raises(cli.UsageError, match=message):
+        pv.run(c, str(tmp_path / "run"), steps=1, batch_size=1, learning_rate=1e-3, log_every=1, eval_examples=1)
+    assert not (tmp_path / "run").exists()
+
+
+# The CLI's own checks and its conversion of a ConfigError, one process each.
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps=0: must be >= 1"),
     (["--config.data.frames=17"], "not a multiple of the tubelet length 2"),
-    (["--config.data.frame_size=32"], "must equal the model's image_size 64"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     cmd = [sys.executable, "-m", "train.pretrain_vision", "--config", "configs/finetune_synth.py",
@@ -95,3 +107,30 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _stage(directory, step: int, config: dict, **extra) -> str:
+    os.makedirs(directory)
+    with open(os.path.join(directory, "training.json"), "w") as f:
+        json.dump(dict(step=step, config=config, **extra), f)
+    return str(directory)
+
+
+def test_a_shipped_chain_reproduces_the_pretraining_stage_with_its_own_command(tmp_path):
+    from train import ship
+
+    base = finetune_synth.get_config().to_dict()
+    pre = json.loads(json.dumps(base))
+    pre["seed"] = 3  # a config override pretrain_vision took too
+    first = _stage(tmp_path / "v" / "model", 1500, pre, stage="pretrain_vision", batch_size=16, learning_rate=0.002)
+    q = json.loads(json.dumps(base))
+    q["init"], q["steps"], q["optim"]["freeze"], q["data"]["target"] = first, 900, "vision", "option"
+    last = _stage(tmp_path / "q" / "model", 900, q)
+    chain = ship.stages(last)
+    assert [st["stage"] for st in chain] == ["pretrain_vision", "finetune"]
+    lines = ship.reproduce(chain, base, "configs/finetune_synth.py")
+    assert lines[0] == ("python -m train.pretrain_vision --config configs/finetune_synth.py --workdir runs/stage1 "
+                        "--steps 1500 --batch_size 16 --learning_rate 0.002 --config.seed=3")
+    assert lines[1] == ("python -m train.finetune --config configs/finetune_synth.py --workdir runs/stage2 "
+                        "--config.init=runs/stage1/model --config.data.target=option --config.optim.freeze=vision "
+                        "--config.steps=900")

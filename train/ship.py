@@ -37,6 +37,8 @@ from train.metrics import METRICS_FILE, read_metrics
 from train.model import TRAINING_FILE
 
 MAX_BYTES = 30 * 2**20  # the issue's limit for a model inside the package
+# Flags of train.pretrain_vision that its training.json records beside the config.
+PRETRAIN_FLAGS = ("batch_size", "learning_rate")
 
 
 def define_flags() -> None:
@@ -59,19 +61,37 @@ def stages(model_dir: str) -> list[dict]:
             break
         with open(path) as f:
             t = json.load(f)
-        chain.append(dict(model=model_dir, step=int(t["step"]), config=t["config"]))
+        # A pretrain_vision stage also records its own flags (batch_size, learning_rate).
+        chain.append(dict(model=model_dir, step=int(t["step"]), config=t["config"],
+                          stage=t.get("stage", "finetune"),
+                          flags={k: t[k] for k in PRETRAIN_FLAGS if k in t}))
         model_dir = t["config"].get("init")
     return chain[::-1]
 
 
-def command(config: dict, base: dict, base_path: str, workdir: str, init: str | None) -> str:
-    """The `train.finetune` command that reproduces `config` from the base config file."""
-    new, old = flat_config(config), flat_config(base)
+def command(config: dict, base: dict, base_path: str, workdir: str, init: str | None, *,
+            stage: str = "finetune", stage_flags: dict | None = None, step: int | None = None) -> str:
+    """The command that reproduces one stage from the base config file: `train.finetune`
+    with the config's differences, or `train.pretrain_vision` with its own flags (the
+    config's `steps` is finetune's; a pretraining stage's length is its `step`)."""
+    # Compared as JSON: training.json stores the config's tuples as lists.
+    new, old = (flat_config(json.loads(json.dumps(c))) for c in (config, base))
+    skip = {"init"} | ({"steps"} if stage == "pretrain_vision" else set())
     args = [f"--config.{k}={json.dumps(v) if not isinstance(v, str) else v}"
-            for k, v in sorted(new.items()) if k != "init" and old.get(k) != v]
-    if init:
+            for k, v in sorted(new.items()) if k not in skip and old.get(k) != v]
+    if stage == "pretrain_vision":
+        own = dict(steps=step, **(stage_flags or {}))
+        args = [f"--{k} {v}" for k, v in own.items() if v is not None] + args
+    elif init:
         args.insert(0, f"--config.init={init}")
-    return " ".join([f"python -m train.finetune --config {base_path}", f"--workdir {workdir}", *args])
+    return " ".join([f"python -m train.{stage} --config {base_path}", f"--workdir {workdir}", *args])
+
+
+def reproduce(chain: list[dict], base: dict, base_path: str) -> list[str]:
+    """One command per stage of `chain` (`stages`), stage i in runs/stage{i}, each starting
+    from the previous stage's model."""
+    return [command(st["config"], base, base_path, f"runs/stage{i + 1}", f"runs/stage{i}/{MODEL_DIR}" if i else None,
+                    stage=st["stage"], stage_flags=st["flags"], step=st["step"]) for i, st in enumerate(chain)]
 
 
 def _params(model) -> dict[str, int]:
@@ -88,10 +108,11 @@ def model_card(name: str, model, chain: list[dict], base: dict, base_path: str, 
                report: dict | None) -> str:
     vc = model.config
     p = _params(model)
+    tools = " and ".join(f"`python -m train.{t}`" for t in sorted({st["stage"] for st in chain}, reverse=True))
     lines = [f"# {name}", "",
              "A small hybrid video VLM of this project's architecture (RADIO-style ViT, pixel shuffle, projector, "
              "Nemotron-H LM interleaving Mamba-2, attention and MLP layers), trained from scratch on SynthVideoQA "
-             "on a 2-core CPU with `python -m train.finetune`.", "",
+             f"on a 2-core CPU with {tools}.", "",
              "## Model", "",
              f"- LM: pattern `{vc.text.pattern}`, hidden {vc.text.hidden_size}, vocabulary {vc.text.vocab_size} "
              f"(`synth` tokenizer); {p['language_model']:,} parameters",
@@ -102,13 +123,16 @@ def model_card(name: str, model, chain: list[dict], base: dict, base_path: str, 
              f"- {p['total']:,} parameters in all, stored as float32 safetensors", "",
              "## Reproduce", "",
              "```text"]
-    for i, st in enumerate(chain):
-        init = f"runs/stage{i}/{MODEL_DIR}" if i else None
-        lines.append(command(st["config"], base, base_path, f"runs/stage{i + 1}", init))
+    lines += reproduce(chain, base, base_path)
     lines += [f"python -m train.ship --workdir runs/stage{len(chain)} --report videoqa.json --name {name}", "```",
               "", "## Training", ""]
     for i, st in enumerate(chain):
         c = st["config"]
+        if st["stage"] == "pretrain_vision":
+            lines.append(f"- stage {i + 1}: perception pretraining of the tower (`train.pretrain_vision`), "
+                         f"{st['step']} steps, batch {st['flags'].get('batch_size')}, learning rate "
+                         f"{st['flags'].get('learning_rate')}")
+            continue
         lines.append(f"- stage {i + 1}: {st['step']} steps, batch {c['batch_size']}, frames {c['data']['frames']}, "
                      f"learning rate {c['optim']['learning_rate']}, reduction "
                      f"{c['reduction']['shape'] or 'none'}{'' if not c['reduction']['budget'] else ' @ ' + str(c['reduction']['budget'])}")
